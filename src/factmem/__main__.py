@@ -1,0 +1,4 @@
+from factmem.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""`factmem` command line. Errors in user input print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from factmem.errors import FactmemError
+
+log = logging.getLogger("factmem")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from factmem.config import load_experiment
+    from factmem.experiment import run_experiment
+    from factmem.results import to_markdown
+
+    exp = load_experiment(args.config, args.set)
+    if args.dry_run:
+        print(f"{args.config}: valid; variants: {', '.join(exp.variants)}; "
+              f"seeds: {exp.base.seeds}; stages: {', '.join(s.name for s in exp.base.stages)}")
+        return 0
+    summary = run_experiment(exp, output_dir=args.output, overwrite=args.overwrite,
+                             progress=not args.no_progress)
+    print()
+    print(to_markdown(summary))
+    print(f"Results: {summary['run_dir']}/summary.md (and summary.json)")
+    return 0
+
+
+def _cmd_data_build(args: argparse.Namespace) -> int:
+    from factmem import io
+    from factmem.config import SetConfig, _Invalid, _parse_with_source_params, parse_override
+
+    raw = {"source": args.source, **dict(parse_override(p) for p in args.param)}
+    if args.n is not None:
+        raw["n"] = args.n
+    raw["offset"], raw["seed"] = args.offset, args.seed
+    try:
+        cfg = _parse_with_source_params(SetConfig, raw, "", ("source", "n", "offset", "seed"))
+    except _Invalid as e:
+        raise FactmemError(str(e)) from None
+    from factmem.experiment import build_set
+
+    examples = build_set(cfg)
+    io.write_jsonl(args.out, (e.to_json() for e in examples))
+    print(f"wrote {len(examples)} examples to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="factmem", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run an experiment: stages x variants x seeds -> table")
+    run.add_argument("config", help="experiment YAML file")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set train.lr=1e-5 (repeatable)")
+    run.add_argument("--output", help="parent directory of the run (default: output.dir)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    run.add_argument("--dry-run", action="store_true", help="validate the config and stop")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(fn=_cmd_run)
+
+    data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_cmd", required=True)
+    build = data.add_parser("build", help="materialise a source as JSONL")
+    build.add_argument("source", help="source name, e.g. kvr")
+    build.add_argument("--n", type=int)
+    build.add_argument("--offset", type=int, default=0)
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                       help="a source parameter, e.g. --param length=32")
+    build.add_argument("--out", required=True, help="output .jsonl path")
+    build.set_defaults(fn=_cmd_data_build)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "accelerate", "datasets", "urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.fn(args)
+    except FactmemError as e:
+        print(f"factmem: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("factmem: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""The unit of data: one chat-formatted example with its gold answer(s) and a stable id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Kind = Literal["factoid", "task", "mix"]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training/evaluation item.
+
+    `messages` alternate user/assistant turns (a system turn may lead); the final turn is the
+    assistant's answer. Training puts loss on every assistant turn; evaluation prompts with every
+    turn before the last and scores the generated answer against `answers` (the first is the
+    trained target, all of them count for exact match).
+    """
+
+    id: str  # stable and derived, e.g. "kvr:17" (never a global counter)
+    messages: tuple[tuple[str, str], ...]  # (role, content)
+    answers: tuple[str, ...]
+    kind: Kind = "factoid"
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @classmethod
+    def qa(
+        cls,
+        id: str,
+        prompt: str,
+        answer: str,
+        aliases: tuple[str, ...] | list[str] = (),
+        kind: Kind = "factoid",
+        **meta: Any,
+    ) -> Example:
+        answers = (answer, *[a for a in aliases if a != answer])
+        return cls(id, (("user", prompt), ("assistant", answer)), answers, kind, dict(meta))
+
+    @property
+    def source(self) -> str:
+        return self.id.split(":", 1)[0].split("@", 1)[0]
+
+    @property
+    def prompt_messages(self) -> tuple[tuple[str, str], ...]:
+        return self.messages[:-1]
+
+    @property
+    def prompt(self) -> str:
+        """The last user turn (what is asked)."""
+        return self.messages[-2][1] if len(self.messages) >= 2 else ""
+
+    @property
+    def target(self) -> str:
+        return self.messages[-1][1]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "messages": [{"role": r, "content": c} for r, c in self.messages],
+            "answers": list(self.answers),
+            **({"meta": self.meta} if self.meta else {}),
+        }
+
+
+def make_id(source: str, index: int, seed: int = 0) -> str:
+    """`kvr:17`; a non-default data seed shows in the id (`kvr@3:17`) so ids never collide."""
+    return f"{source}:{index}" if seed == 0 else f"{source}@{seed}:{index}"

@@ -1,0 +1,320 @@
+"""Experiments: variants x seeds x stages -> run directory -> results table.
+
+Run directory (output.dir/name):
+    config.yaml                 the config as given (with --set overrides applied)
+    resolved.json               every variant fully resolved
+    summary.json, summary.md    variant x tracked set: accuracy after each stage, mean/std over seeds
+    VARIANT/seedS/
+        accuracy.json           accuracy matrix A[stage][set], graded figures, forgetting
+        00-base/                tracked sets evaluated before any training
+        01-STAGE/               manifest.json (mixture ids), train_log.jsonl, metrics.json,
+                                predictions/SET.jsonl, checkpoint/ (if output.save_checkpoints)
+Everything is checked (config, data, tokenisation, model) before the directory is created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from factmem import io
+from factmem.config import Experiment, ExperimentConfig, SetConfig, to_dict
+from factmem.data import Example, build_source
+from factmem.errors import FactmemError
+from factmem.evaluate import evaluate_examples, forgetting, summarize
+from factmem.mixing import build_mixture
+from factmem.models import Formatter, describe, load_model, load_tokenizer
+from factmem.results import summary_table, write_summary
+from factmem.train import train_stage
+
+log = logging.getLogger(__name__)
+
+BASE_STAGE = "base"
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_set(cfg: SetConfig) -> list[Example]:
+    return build_source(cfg.source, cfg.params, cfg.n, cfg.offset, cfg.seed)
+
+
+class SetCache:
+    """Builds each distinct set once across variants (sets are pure functions of their config)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, list[Example]] = {}
+
+    def get(self, name: str, cfg: SetConfig) -> list[Example]:
+        key = json.dumps(to_dict(cfg), sort_keys=True)
+        if key not in self._cache:
+            try:
+                self._cache[key] = build_set(cfg)
+            except FactmemError as e:
+                raise type(e)(f"sets.{name}: {e}") from None
+        return self._cache[key]
+
+    def sets(self, cfg: ExperimentConfig) -> dict[str, list[Example]]:
+        return {name: self.get(name, s) for name, s in cfg.sets.items()}
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    def seed_dir(self, variant: str, seed: int) -> Path:
+        return self.root / safe_name(variant) / f"seed{seed}"
+
+
+def safe_name(name: str) -> str:
+    """A variant name as a single directory name (grid names hold `[`, `=`, `,`)."""
+    out = "".join(c if c.isalnum() or c in "-_.=,[]" else "_" for c in name)
+    if out in ("", ".", ".."):
+        raise FactmemError(f"name {name!r} cannot be used as a directory name")
+    return out
+
+
+def prepare(exp: Experiment) -> tuple[SetCache, Any]:
+    """Everything that can fail on bad input, before anything is written: build every set of
+    every variant, load the tokenizer, and tokenise every example that will be trained on."""
+    cache = SetCache()
+    tokenizer = None
+    for vname, cfg in exp.variants.items():
+        sets = cache.sets(cfg)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(cfg.model)
+        fmt = Formatter(tokenizer, cfg.model.system_prompt, cfg.model.max_length)
+        for k in range(len(cfg.stages)):
+            mixture = build_mixture(cfg, k, sets, cfg.seeds[0])
+            for ex in mixture.examples():
+                fmt.encode(ex)  # raises on over-long items, broken templates
+        for name in cfg.track:
+            for ex in sets[name]:
+                fmt.encode(ex)
+    return cache, tokenizer
+
+
+def run_experiment(
+    exp: Experiment,
+    output_dir: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    from accelerate import Accelerator
+
+    cache, tokenizer = prepare(exp)
+    base = exp.base
+    root = Path(output_dir or base.output.dir) / safe_name(exp.name)
+    accelerator = Accelerator()
+    if accelerator.is_main_process:
+        if root.exists() and any(root.iterdir()):
+            if not overwrite:
+                raise FactmemError(f"run directory {root} exists; pass --overwrite to start over "
+                                   "or --output DIR to write elsewhere")
+            shutil.rmtree(root)
+        root.mkdir(parents=True, exist_ok=True)
+        io.write_text(root / "config.yaml", yaml.safe_dump(exp.raw, sort_keys=False))
+        io.write_json(root / "resolved.json", {n: to_dict(c) for n, c in exp.variants.items()})
+    accelerator.wait_for_everyone()
+
+    paths = RunPaths(root)
+    reuse = StageReuse(exp, enabled=accelerator.num_processes == 1)
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    timings: dict[str, Any] = {}
+    for vname, cfg in exp.variants.items():
+        results[vname] = {}
+        for seed in cfg.seeds:
+            t0 = time.perf_counter()
+            results[vname][seed] = run_variant_seed(
+                cfg, vname, seed, cache.sets(cfg), tokenizer, accelerator,
+                paths.seed_dir(vname, seed), progress, reuse,
+            )
+            timings[f"{vname}/seed{seed}"] = round(time.perf_counter() - t0, 2)
+    summary = summary_table(exp, results)
+    if accelerator.is_main_process:
+        write_summary(root, summary)
+        io.write_json(root / "timing.json", timings)
+    accelerator.wait_for_everyone()
+    summary["run_dir"] = str(root)
+    return summary
+
+
+def run_variant_seed(
+    cfg: ExperimentConfig,
+    variant: str,
+    seed: int,
+    sets: dict[str, list[Example]],
+    tokenizer,
+    accelerator,
+    out: Path,
+    progress: bool,
+    reuse: StageReuse | None = None,
+) -> dict[str, Any]:
+    """Train one variant with one seed through all stages; returns its accuracy matrix."""
+    set_seed(seed)
+    fmt = Formatter(tokenizer, cfg.model.system_prompt, cfg.model.max_length)
+    model = load_model(cfg.model)
+    main = accelerator.is_main_process
+    tracked = {name: sets[name] for name in cfg.track}
+    matrix: dict[str, dict[str, dict[str, float]]] = {}
+    keys = stage_keys(cfg, seed)
+    done = reuse.restore(keys, model, matrix, out) if reuse else -1  # stages already run
+    model = accelerator.prepare(model)
+
+    def evaluate_tracked(stage_name: str, stage_dir: Path) -> None:
+        matrix[stage_name] = {}
+        for set_name, examples in tracked.items():
+            preds = evaluate_examples(
+                accelerator.unwrap_model(model), fmt, examples, cfg.eval.mode,
+                cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.match,
+            )
+            matrix[stage_name][set_name] = summarize(preds)
+            if main and cfg.output.save_predictions:
+                io.write_jsonl(stage_dir / "predictions" / f"{set_name}.jsonl",
+                               (p.to_json() for p in preds))
+
+    if done < 0:
+        evaluate_tracked(BASE_STAGE, out / "00-base")
+        if main:
+            io.write_json(out / "00-base" / "metrics.json", {"eval": matrix[BASE_STAGE],
+                                                             "model": describe(model)})
+    for k, stage in enumerate(cfg.stages):
+        if k <= done:
+            continue
+        stage_dir = out / f"{k + 1:02d}-{safe_name(stage.name)}"
+        mixture = build_mixture(cfg, k, sets, seed)
+        if main:
+            io.write_json(stage_dir / "manifest.json", mixture.manifest())
+        check = [e for e in sets[stage.set] if e.kind == "factoid"] or None
+        result = train_stage(
+            model, accelerator, fmt, mixture.examples(), stage.train, seed=seed,
+            memorize_check=check, eval_cfg=cfg.eval,
+            desc=f"{variant} seed{seed} {stage.name}", progress=progress,
+        )
+        evaluate_tracked(stage.name, stage_dir)
+        if main:
+            io.write_jsonl(stage_dir / "train_log.jsonl", result.log)
+            io.write_json(stage_dir / "metrics.json",
+                          {"train": result.to_json(), "eval": matrix[stage.name],
+                           "seconds": round(result.seconds, 2)})
+            if cfg.output.save_checkpoints:
+                save_checkpoint(accelerator.unwrap_model(model), tokenizer, stage_dir / "checkpoint")
+        log_stage(variant, seed, stage.name, result, matrix[stage.name])
+        if reuse:
+            reuse.offer(keys[k], accelerator.unwrap_model(model), matrix, out, k)
+    if reuse:
+        reuse.finished(keys)
+    accelerator.free_memory()
+    record = accuracy_record(cfg, matrix)
+    if main:
+        io.write_json(out / "accuracy.json", record)
+    return record
+
+
+def stage_keys(cfg: ExperimentConfig, seed: int) -> list[str]:
+    """Per stage k: a hash of everything that determines the model and results after it (model,
+    data, tracked sets, evaluation, stages 1..k, seed). Equal keys mean equal outcomes."""
+    common = {"model": to_dict(cfg.model), "sets": to_dict(cfg.sets), "track": cfg.track,
+              "eval": to_dict(cfg.eval), "seed": seed}
+    return [
+        hashlib.sha256(json.dumps({**common, "stages": to_dict(cfg.stages[: k + 1])},
+                                  sort_keys=True).encode()).hexdigest()[:16]
+        for k in range(len(cfg.stages))
+    ]
+
+
+class StageReuse:
+    """Variants that share their first stages (naive and replay share stage 1) train them once.
+
+    After a stage whose key a later variant also has, the model weights and torch RNG state are
+    kept in CPU memory; the later variant starts from them and copies the stage directories,
+    marked with `reused_from`. Training is deterministic, so the outcome is the same as
+    retraining. Single-process runs only (sharded weights are not gathered for this)."""
+
+    def __init__(self, exp: Experiment, enabled: bool = True):
+        self.enabled = enabled
+        self.uses: dict[str, int] = {}
+        for cfg in exp.variants.values():
+            for seed in cfg.seeds:
+                for key in stage_keys(cfg, seed):
+                    self.uses[key] = self.uses.get(key, 0) + 1
+        self.kept: dict[str, dict[str, Any]] = {}
+
+    def offer(self, key: str, model, matrix: dict, out: Path, k: int) -> None:
+        if self.enabled and self.uses.get(key, 0) > 1 and key not in self.kept:
+            self.kept[key] = {
+                "state": {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()},
+                "rng": torch.get_rng_state(), "matrix": json.loads(json.dumps(matrix)),
+                "dir": out, "k": k,
+            }
+
+    def restore(self, keys: list[str], model, matrix: dict, out: Path) -> int:
+        """Load the furthest kept stage of `keys` into `model`; returns its index or -1."""
+        for k in range(len(keys) - 1, -1, -1):
+            entry = self.kept.get(keys[k])
+            if entry is None:
+                continue
+            model.load_state_dict(entry["state"])
+            torch.set_rng_state(entry["rng"])
+            matrix.update(json.loads(json.dumps(entry["matrix"])))
+            src: Path = entry["dir"]
+            for d in sorted(src.iterdir()):
+                if d.is_dir() and d.name[:2].isdigit() and int(d.name[:2]) <= k + 1:
+                    shutil.copytree(d, out / d.name, dirs_exist_ok=True)
+                    io.write_json(out / d.name / "reused_from.json",
+                                  {"path": str(src / d.name), "key": keys[k]})
+            log.info("reusing stages 1-%d from %s (same settings and seed)", k + 1, src)
+            return k
+        return -1
+
+    def finished(self, keys: list[str]) -> None:
+        for key in keys:
+            self.uses[key] = self.uses.get(key, 1) - 1
+            if self.uses[key] <= 0:  # no later run needs it
+                self.kept.pop(key, None)
+
+
+def accuracy_record(cfg: ExperimentConfig, matrix: dict[str, dict[str, dict[str, float]]]):
+    own_stage = {}
+    for st in cfg.stages:
+        if st.set in cfg.track:
+            own_stage[st.set] = st.name  # the last stage that trained the set
+    acc = {st: {s: m["accuracy"] for s, m in row.items()} for st, row in matrix.items()}
+    return {
+        "stages": list(matrix),
+        "sets": list(cfg.track),
+        "accuracy": acc,
+        "token_acc": {st: {s: m["token_acc"] for s, m in row.items()} for st, row in matrix.items()},
+        "logprob": {st: {s: m["logprob"] for s, m in row.items()} for st, row in matrix.items()},
+        "forgetting": forgetting(acc, own_stage),
+    }
+
+
+def save_checkpoint(model, tokenizer, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def log_stage(variant: str, seed: int, stage: str, result, row: dict[str, dict[str, float]]) -> None:
+    accs = ", ".join(f"{s} {m['accuracy']:.0%}" for s, m in row.items())
+    mem = f", memorized at epoch {result.memorized_epoch}" if result.memorized_epoch else ""
+    log.info("%s seed%d %s: %d epochs (%s)%s, loss %.4f, %.0fs | %s", variant, seed, stage,
+             result.epochs, result.stop_reason, mem, result.final_loss, result.seconds, accs)

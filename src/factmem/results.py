@@ -1,0 +1,78 @@
+"""Results across variants and seeds: the table of tracked-set accuracy after each stage
+(mean and standard deviation over seeds), as JSON and markdown."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from factmem import io
+
+
+def _mean_std(values: list[float]) -> dict[str, Any]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
+
+
+def summary_table(exp, results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    """results[variant][seed] = accuracy record -> {variant: {set: {stage: stats}}}."""
+    table: dict[str, Any] = {}
+    for variant, by_seed in results.items():
+        records = list(by_seed.values())
+        stages, sets = records[0]["stages"], records[0]["sets"]
+        table[variant] = {
+            s: {
+                **{st: _mean_std([r["accuracy"][st][s] for r in records]) for st in stages},
+                **({"forgetting": _mean_std([r["forgetting"][s] for r in records])}
+                   if s in records[0]["forgetting"] else {}),
+            }
+            for s in sets
+        }
+    first = next(iter(results.values()))
+    rec = next(iter(first.values()))
+    return {
+        "experiment": exp.name,
+        "model": exp.base.model.name,
+        "seeds": {v: sorted(by_seed) for v, by_seed in results.items()},
+        "stages": rec["stages"],
+        "sets": rec["sets"],
+        "table": table,
+    }
+
+
+def _cell(stats: dict[str, Any]) -> str:
+    mean = 100 * stats["mean"]
+    if len(stats["values"]) > 1:
+        return f"{mean:.1f} ± {100 * stats['std']:.1f}"
+    return f"{mean:.1f}"
+
+
+def to_markdown(summary: dict[str, Any]) -> str:
+    """One row per variant; per tracked set, accuracy (%) after each stage and the forgetting."""
+    stages, sets = summary["stages"], summary["sets"]
+    cols = []
+    for s in sets:
+        cols += [(s, st, f"{s} @{st}") for st in stages]
+        if any("forgetting" in v[s] for v in summary["table"].values()):
+            cols.append((s, "forgetting", f"{s} forgot"))
+    header = "| variant | " + " | ".join(c[2] for c in cols) + " |"
+    sep = "|---|" + "---:|" * len(cols)
+    rows = []
+    for variant, by_set in summary["table"].items():
+        cells = [_cell(by_set[s][st]) if st in by_set[s] else "" for s, st, _ in cols]
+        rows.append(f"| {variant} | " + " | ".join(cells) + " |")
+    seeds = sorted({x for v in summary["seeds"].values() for x in v})
+    note = (f"Exact-match accuracy (%) of each tracked set before training (@base) and after each "
+            f"stage; `forgot` = accuracy right after the set's own stage minus at the end. "
+            f"Model {summary['model']}, seeds {seeds}"
+            + (" (mean ± std)." if len(seeds) > 1 else "."))
+    return "\n".join([header, sep, *rows, "", note]) + "\n"
+
+
+def write_summary(root: Path, summary: dict[str, Any]) -> None:
+    io.write_json(root / "summary.json", summary)
+    io.write_text(root / "summary.md", f"# {summary['experiment']}\n\n" + to_markdown(summary))

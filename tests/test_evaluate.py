@@ -1,0 +1,63 @@
+"""Exact match: normalisation, aliases, containment; fast teacher-forced mode agrees with
+`generate` on every fact; accuracy matrix and forgetting."""
+
+import pytest
+import torch
+
+from factmem.config import ModelConfig, StopConfig, TrainConfig
+from factmem.data import Example, build_source
+from factmem.data.synthetic import KVRParams
+from factmem.evaluate import evaluate_examples, forgetting, is_match
+from factmem.models import Formatter, load_model, load_tokenizer
+from factmem.train import train_stage
+
+
+def test_normalised_exact_match_any_alias_counts():
+    assert is_match("  Paris \n", ["paris"])
+    assert is_match("FRANCE", ["Paris", "france"])
+    assert not is_match("Paris, France", ["paris"])
+    assert is_match("It is Paris, France", ["paris"], mode="contains")
+
+
+def test_forgetting_is_own_stage_minus_final():
+    matrix = {"base": {"a": 0.0, "b": 0.0}, "s1": {"a": 1.0, "b": 0.0}, "s2": {"a": 0.25, "b": 1.0}}
+    assert forgetting(matrix, {"a": "s1", "b": "s2"}) == {"a": 0.75, "b": 0.0}
+
+
+@pytest.fixture(scope="module")
+def partly_trained(tiny_model_dir):
+    """A tiny model trained until some, not all, facts are memorized."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name=str(tiny_model_dir))
+    tok = load_tokenizer(cfg)
+    fmt = Formatter(tok)
+    model = load_model(cfg)
+    facts = build_source("kvr", KVRParams(key_length=4, value_length=2), 24, 0, 0)
+    train = TrainConfig(lr=5e-3, batch_size=8, warmup_fraction=0.0,
+                        stop=StopConfig(rule="epochs", epochs=60))  # ~half memorized
+    acc = Accelerator(cpu=True)
+    train_stage(acc.prepare(model), acc, fmt, facts, train, seed=0, progress=False)
+    return model, fmt, facts
+
+
+def test_fast_mode_gives_the_same_verdict_as_generate(partly_trained):
+    model, fmt, facts = partly_trained
+    fast = evaluate_examples(model, fmt, facts, mode="fast", batch_size=16)
+    gen = evaluate_examples(model, fmt, facts, mode="generate", batch_size=16, max_new_tokens=8)
+    verdicts = [p.correct for p in fast]
+    assert 0 < sum(verdicts) < len(facts), "the check needs right and wrong facts"
+    assert verdicts == [p.correct for p in gen]
+    for f, g in zip(fast, gen):
+        if f.correct:
+            assert f.prediction == g.prediction
+
+
+def test_aliases_count_in_fast_mode(partly_trained):
+    model, fmt, facts = partly_trained
+    right = next(p for p in evaluate_examples(model, fmt, facts) if p.correct)
+    ex = next(e for e in facts if e.id == right.id)
+    wrong_first = Example.qa(ex.id, ex.prompt, "zzz", aliases=[ex.target])
+    assert evaluate_examples(model, fmt, [wrong_first])[0].correct
+    assert not evaluate_examples(model, fmt, [Example.qa(ex.id, ex.prompt, "zzz")])[0].correct

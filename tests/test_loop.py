@@ -1,0 +1,83 @@
+"""The stage loop: parameters change, callbacks see every step and can add loss terms,
+gradient accumulation computes the same update as one big batch."""
+
+import torch
+from accelerate import Accelerator
+
+from factmem.config import ModelConfig, StopConfig, TrainConfig
+from factmem.data import build_source
+from factmem.data.synthetic import KVRParams
+from factmem.models import Formatter, load_model, load_tokenizer
+from factmem.train import StageCallback, train_stage
+
+
+def setup(model_dir):
+    cfg = ModelConfig(name=str(model_dir))
+    torch.manual_seed(0)
+    return load_model(cfg), Formatter(load_tokenizer(cfg))
+
+
+FACTS = build_source("kvr", KVRParams(key_length=4, value_length=2), 8, 0, 0)
+
+
+def run(model, fmt, callbacks=(), **train):
+    acc = Accelerator(cpu=True)
+    cfg = TrainConfig(**{"lr": 1e-3, "batch_size": 8, "warmup_fraction": 0.0,
+                         "stop": StopConfig(rule="epochs", epochs=2), **train})
+    return train_stage(acc.prepare(model), acc, fmt, FACTS, cfg, seed=0, progress=False,
+                       callbacks=list(callbacks))
+
+
+def test_parameters_change_and_every_step_is_logged(tiny_model_dir):
+    model, fmt = setup(tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = run(model, fmt)
+    assert result.steps == 2 and [r["step"] for r in result.log] == [1, 2]
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_callbacks_see_steps_and_add_loss_terms(tiny_model_dir):
+    class Recorder(StageCallback):
+        def __init__(self):
+            self.steps, self.shares = [], []
+
+        def extra_loss(self, ctx, items, share):
+            self.shares.append(share)
+            return None
+
+        def on_step_end(self, ctx, row):
+            self.steps.append(ctx.step)
+            row["seen"] = True
+
+    rec = Recorder()
+    model, fmt = setup(tiny_model_dir)
+    result = run(model, fmt, [rec], grad_accum=2)
+    assert rec.steps == [1, 2] and all(r["seen"] for r in result.log)
+    assert rec.shares == [0.5, 0.5, 0.5, 0.5]
+
+    class Anchor(StageCallback):  # a huge pull to zero: weights must shrink
+        def extra_loss(self, ctx, items, share):
+            return share * 1e3 * sum((p ** 2).sum() for p in ctx.model.parameters())
+
+    model, fmt = setup(tiny_model_dir)
+    norm0 = sum(p.norm() for p in model.parameters())
+    run(model, fmt, [Anchor()], lr=1e-2)
+    assert sum(p.norm() for p in model.parameters()) < norm0
+
+
+def test_gradient_accumulation_matches_one_batch(tiny_model_dir):
+    class Grads(StageCallback):
+        def on_before_optimizer_step(self, ctx):
+            if ctx.step == 0:
+                self.grads = {n: p.grad.clone() for n, p in ctx.model.named_parameters()}
+
+    got = []
+    for accum in (1, 4):
+        model, fmt = setup(tiny_model_dir)
+        g = Grads()
+        result = run(model, fmt, [g], grad_accum=accum, grad_clip=None)
+        got.append((g.grads, result.log[0]["loss"]))
+    (g1, loss1), (g4, loss4) = got
+    assert abs(loss1 - loss4) < 1e-6
+    for n in g1:
+        torch.testing.assert_close(g1[n], g4[n], rtol=1e-4, atol=1e-7, msg=n)
