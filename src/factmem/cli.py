@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "accelerate", "datasets", "urllib3", "filelock", "httpx"):
+    for noisy in ("transformers", "accelerate", "datasets", "urllib3", "filelock", "httpx",
+                  "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.fn(args)
