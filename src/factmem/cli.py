@@ -65,6 +65,8 @@ def _cmd_data_filter(args: argparse.Namespace) -> int:
         cfg = _parse_with_source_params(SetConfig, raw, "", ("source", "n", "offset", "seed"))
     except _Invalid as e:
         raise FactmemError(str(e)) from None
+    if args.shots < 0:
+        raise FactmemError(f"--shots: must be >= 0, got {args.shots}")
     examples = build_set(cfg)
     shots = shot_examples(cfg.source, cfg.params, cfg.n, cfg.offset, cfg.seed, args.shots)
     res = filter_unknown(examples, shots, ModelConfig(name=args.model), to_dict(cfg),
