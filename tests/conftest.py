@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = next(  # the nearest ../shared/data above the project (worktrees sit deeper)
+    (p / "shared" / "data" for p in Path(__file__).resolve().parents[1:]
+     if (p / "shared" / "data").is_dir()),
+    Path(__file__).resolve().parents[1].parent / "shared" / "data",
+)
 
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

@@ -49,6 +49,40 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_filter(args: argparse.Namespace) -> int:
+    """Yet-to-learn filtering: keep the facts the base model gets wrong few-shot."""
+    from factmem import io
+    from factmem.config import ModelConfig, SetConfig, _Invalid, _parse_with_source_params
+    from factmem.config import parse_override, to_dict
+    from factmem.data.filter import filter_unknown, shot_examples
+    from factmem.experiment import build_set
+
+    raw = {"source": args.source, **dict(parse_override(p) for p in args.param)}
+    if args.n is not None:
+        raw["n"] = args.n
+    raw["offset"], raw["seed"] = args.offset, args.seed
+    try:
+        cfg = _parse_with_source_params(SetConfig, raw, "", ("source", "n", "offset", "seed"))
+    except _Invalid as e:
+        raise FactmemError(str(e)) from None
+    if args.shots < 0:
+        raise FactmemError(f"--shots: must be >= 0, got {args.shots}")
+    examples = build_set(cfg)
+    shots = shot_examples(cfg.source, cfg.params, cfg.n, cfg.offset, cfg.seed, args.shots)
+    res = filter_unknown(examples, shots, ModelConfig(name=args.model), to_dict(cfg),
+                         match=args.match, batch_size=args.batch_size,
+                         max_new_tokens=args.max_new_tokens, cache_dir=args.cache_dir)
+    c = res.counts()
+    print(f"{args.source}: {c['known']} known, {c['unknown']} unknown of {c['total']} "
+          f"({args.shots}-shot, {args.match} match, {res.seconds:.1f}s"
+          f"{', cached' if res.cached else ''}); verdicts: {res.cache_path}")
+    if args.out:
+        keep = set(res.unknown)
+        io.write_jsonl(args.out, (e.to_json() for e in examples if e.id in keep))
+        print(f"wrote {len(keep)} yet-to-learn examples to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="factmem", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -74,6 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a source parameter, e.g. --param length=32")
     build.add_argument("--out", required=True, help="output .jsonl path")
     build.set_defaults(fn=_cmd_data_build)
+
+    filt = data.add_parser("filter", help="keep the facts a base model does not know (few-shot)")
+    filt.add_argument("source", help="source name, e.g. popqa or entities")
+    filt.add_argument("--model", required=True, help="embedded name, hub id or local directory")
+    filt.add_argument("--shots", type=int, default=4,
+                      help="few-shot examples, taken from items outside the selection")
+    filt.add_argument("--n", type=int)
+    filt.add_argument("--offset", type=int, default=0)
+    filt.add_argument("--seed", type=int, default=0)
+    filt.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                      help="a source parameter, e.g. --param path=data/popqa.tsv")
+    filt.add_argument("--match", choices=["contains", "exact"], default="contains",
+                      help="when a generated answer counts as knowing the fact")
+    filt.add_argument("--batch-size", type=int, default=16)
+    filt.add_argument("--max-new-tokens", type=int, default=32)
+    filt.add_argument("--cache-dir", help="where verdicts are cached (default ~/.cache/factmem/filter)")
+    filt.add_argument("--out", help="write the yet-to-learn examples to this .jsonl")
+    filt.set_defaults(fn=_cmd_data_filter)
     return p
 
 

@@ -137,8 +137,21 @@ class SetConfig:
     """index of the first item: disjoint A/B copies of one source use different offsets"""
     seed: int = 0
     """data seed (which items a generated source produces), independent of the training seed"""
+    max_tokens: int | None = None
+    """drop items longer than this many tokens (formatted for the model); the count dropped is
+    logged and written to the run directory's data.json"""
+    filter: Literal["none", "unknown_to_model"] = "none"
+    """unknown_to_model: keep only the facts the base model gets wrong few-shot (yet-to-learn)"""
+    filter_shots: int = 4
+    """filter: few-shot examples in the prompt, taken from items just after the selection"""
     params: Any = None
     """the source's own parameters (written flat beside `source` in YAML)"""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 8:
+            raise ValueError(f"max_tokens: must be >= 8, got {self.max_tokens}")
+        if self.filter_shots < 0:
+            raise ValueError(f"filter_shots: must be >= 0, got {self.filter_shots}")
 
 
 @dataclass
@@ -385,7 +398,7 @@ def _parse_experiment(raw: dict[str, Any], path: str = "") -> ExperimentConfig:
         raise _Invalid("sets", "give at least one named set, e.g. sets: {kvr_a: {source: kvr, n: 32}}")
     if not isinstance(stages_raw, list) or not stages_raw:
         raise _Invalid("stages", "give a list of at least one stage, e.g. [{name: s1, set: kvr_a}]")
-    set_common = ("source", "n", "offset", "seed")
+    set_common = ("source", "n", "offset", "seed", "max_tokens", "filter", "filter_shots")
     sets = {str(k): _parse_with_source_params(SetConfig, v, f"sets.{k}", set_common)
             for k, v in sets_raw.items()}
     for name, s in sets.items():

@@ -18,6 +18,7 @@ import torch
 
 from factmem.data.examples import Example
 from factmem.models import Encoded, Formatter
+from factmem.scoring import match_answer, rouge_l
 
 
 def normalize(text: str) -> str:
@@ -25,6 +26,8 @@ def normalize(text: str) -> str:
 
 
 def is_match(prediction: str, answers: Sequence[str], mode: str = "exact") -> bool:
+    if mode not in ("exact", "contains"):  # number (GSM8K), boxed (MATH): see factmem.scoring
+        return match_answer(prediction, answers, mode)
     p = normalize(prediction)
     if mode == "contains":
         return any(normalize(a) in p for a in answers)
@@ -40,6 +43,7 @@ class Prediction:
     correct: bool
     token_acc: float  # teacher-forced, on the first answer (fast mode)
     logprob: float  # mean log-probability of the first answer's tokens (fast mode)
+    rouge_l: float | None = None  # task sets: ROUGE-L F1 of the generated text vs the target
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -147,18 +151,34 @@ def evaluate_examples(
                                                            fmt.tok.pad_token_id, batch_size)):
                     correct[i] = correct[i] or r[0]
             texts = [_decode_until_eos(fmt, g[3]) for g in graded]
+            # Sets scored on generated text (tasks; contains/number/boxed matches) cannot be
+            # decided from argmax tokens: they are generated even in fast mode.
+            gen = [i for i, ex in enumerate(examples) if needs_generation(ex, match)]
+            if gen:
+                for i, t in zip(gen, generate_answers(model, fmt, [primary[i] for i in gen],
+                                                      batch_size, max_new_tokens)):
+                    texts[i] = t
+                    correct[i] = is_match(t, examples[i].answers, examples[i].meta.get("match", match))
         elif mode == "generate":
             texts = generate_answers(model, fmt, primary, batch_size, max_new_tokens)
-            correct = [is_match(t, ex.answers, match) for t, ex in zip(texts, examples)]
+            correct = [is_match(t, ex.answers, ex.meta.get("match", match))
+                       for t, ex in zip(texts, examples)]
         else:
             raise ValueError(f"unknown eval mode {mode!r}")
     finally:
         model.train(was_training)
     return [
         Prediction(ex.id, ex.prompt, list(ex.answers), text, bool(ok), round(g[1], 6),
-                   round(g[2], 6))
+                   round(g[2], 6),
+                   round(rouge_l(text, ex.target), 6) if ex.kind == "task" else None)
         for ex, text, ok, g in zip(examples, texts, correct, graded)
     ]
+
+
+def needs_generation(ex: Example, default_match: str = "exact") -> bool:
+    """True where exact token match cannot decide the verdict: task sets (ROUGE-L is scored on
+    generated text) and examples matched by contains / number / boxed."""
+    return ex.kind == "task" or ex.meta.get("match", default_match) != "exact"
 
 
 def _decode_until_eos(fmt: Formatter, ids: list[int]) -> str:
@@ -169,12 +189,17 @@ def _decode_until_eos(fmt: Formatter, ids: list[int]) -> str:
 
 def summarize(preds: Sequence[Prediction]) -> dict[str, float]:
     n = len(preds)
-    return {
+    out = {
         "accuracy": sum(p.correct for p in preds) / n,
         "token_acc": sum(p.token_acc for p in preds) / n,
         "logprob": sum(p.logprob for p in preds) / n,
         "n": n,
     }
+    rouge = [p.rouge_l for p in preds if p.rouge_l is not None]
+    if rouge:  # task sets: ROUGE-L and the teacher-forced loss (mean gold-token NLL)
+        out["rouge_l"] = sum(rouge) / len(rouge)
+        out["loss"] = -out["logprob"]
+    return out
 
 
 def forgetting(matrix: dict[str, dict[str, float]], own_stage: dict[str, str]) -> dict[str, float]:

@@ -58,17 +58,36 @@ class SetCache:
 
     def __init__(self) -> None:
         self._cache: dict[str, list[Example]] = {}
+        self.reports: dict[str, Any] = {}  # per set: items dropped by max_tokens / filter
+        self._model = None  # the model config of the variant being built (max_tokens, filter)
+        self._tokenizers: dict[str, Any] = {}
 
     def get(self, name: str, cfg: SetConfig) -> list[Example]:
+        from factmem.data.filter import refine_set
+
         key = json.dumps(to_dict(cfg), sort_keys=True)
+        refine = cfg.max_tokens is not None or cfg.filter != "none"
+        if refine:  # the outcome depends on the model
+            key += json.dumps(to_dict(self._model), sort_keys=True)
         if key not in self._cache:
             try:
-                self._cache[key] = build_set(cfg)
+                examples = build_set(cfg)
+                if refine:
+                    examples = refine_set(name, cfg, examples, self._model, self._tokenizer,
+                                          self.reports)
+                self._cache[key] = examples
             except FactmemError as e:
                 raise type(e)(f"sets.{name}: {e}") from None
         return self._cache[key]
 
+    def _tokenizer(self):
+        key = json.dumps(to_dict(self._model), sort_keys=True)
+        if key not in self._tokenizers:
+            self._tokenizers[key] = load_tokenizer(self._model)
+        return self._tokenizers[key]
+
     def sets(self, cfg: ExperimentConfig) -> dict[str, list[Example]]:
+        self._model = cfg.model
         return {name: self.get(name, s) for name, s in cfg.sets.items()}
 
 
@@ -129,6 +148,8 @@ def run_experiment(
         root.mkdir(parents=True, exist_ok=True)
         io.write_text(root / "config.yaml", yaml.safe_dump(exp.raw, sort_keys=False))
         io.write_json(root / "resolved.json", {n: to_dict(c) for n, c in exp.variants.items()})
+        if cache.reports:  # items dropped by max_tokens / yet-to-learn filtering, per set
+            io.write_json(root / "data.json", cache.reports)
     accelerator.wait_for_everyone()
 
     paths = RunPaths(root)

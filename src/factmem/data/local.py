@@ -20,12 +20,17 @@ class Record:
     data: dict[str, Any]
 
 
-def read_records(path: str | Path, required: Sequence[str] = ()) -> list[Record]:
-    """Rows of a .jsonl / .json (array of objects) / .csv / .tsv file.
+def read_records(path: str | Path, required: Sequence[str] = (), key: str | None = None
+                 ) -> list[Record]:
+    """Rows of a .jsonl / .json (array of objects) / .csv / .tsv / .parquet file, or of a
+    `datasets` `save_to_disk` folder (parquet and saved datasets: line = row index + 1).
 
-    Errors name the file and line: missing file, non-UTF-8 bytes, malformed JSON, a row that is
-    not an object, a row missing a required field, a file with no rows."""
+    `key`: a .json file that is an object holding the rows under this key (TriviaQA's raw
+    `{"Data": [...]}`). Errors name the file and line: missing file, non-UTF-8 bytes, malformed
+    JSON, a row that is not an object, a row missing a required field, a file with no rows."""
     p = Path(path)
+    if p.is_dir() or p.suffix.lower() == ".parquet":
+        return _check_records(path, _read_arrow(p), required)
     if not p.is_file():
         raise DataError(f"{path}: no such file")
     try:
@@ -42,6 +47,11 @@ def read_records(path: str | Path, required: Sequence[str] = ()) -> list[Record]
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        if isinstance(data, dict) and key is not None:
+            if not isinstance(data.get(key), list):
+                raise DataError(f"{path}: expected a list of rows under key {key!r}, found keys "
+                                f"{sorted(data)[:5]}")
+            data = data[key]
         if isinstance(data, dict):  # {"data": [...]} style wrappers are not guessed at
             raise DataError(f"{path}: expected a JSON array of objects, got an object with keys "
                             f"{sorted(data)[:5]}")
@@ -55,6 +65,35 @@ def read_records(path: str | Path, required: Sequence[str] = ()) -> list[Record]
                 records.append(Record(i, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{i}: malformed JSON ({e.msg})") from None
+    return _check_records(path, records, required)
+
+
+def _read_arrow(p: Path) -> list[Record]:
+    """A parquet file or a `Dataset.save_to_disk` folder (a DatasetDict folder: give the split's
+    subfolder)."""
+    if p.is_dir():
+        if not (p / "dataset_info.json").is_file() and not (p / "state.json").is_file():
+            subs = sorted(d.name for d in p.iterdir() if (d / "state.json").is_file())
+            hint = f"; it holds the splits {subs}: give one of them" if subs else ""
+            raise DataError(f"{p}: not a file nor a `save_to_disk` dataset folder{hint}")
+        from datasets import load_from_disk
+
+        try:
+            rows = load_from_disk(str(p)).to_list()
+        except Exception as e:  # corrupt arrow files, version mismatches: one line, with the path
+            raise DataError(f"{p}: cannot load the saved dataset ({e})") from None
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(p).to_pylist()
+        except Exception as e:
+            raise DataError(f"{p}: cannot read parquet ({e})") from None
+    return [Record(i + 1, row) for i, row in enumerate(rows)]
+
+
+def _check_records(path: str | Path, records: list[Record], required: Sequence[str]
+                   ) -> list[Record]:
     for r in records:
         if not isinstance(r.data, dict):
             raise DataError(f"{path}:{r.line}: expected an object, got {type(r.data).__name__}")

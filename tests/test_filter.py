@@ -1,0 +1,97 @@
+"""Yet-to-learn filtering, max_tokens, and per-example scoring in evaluation."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from factmem.cli import main
+from factmem.config import experiment_from_dict
+from factmem.data import Example
+from factmem.experiment import SetCache
+
+FACTS = Path(__file__).parent / "fixtures" / "filter_facts.jsonl"
+
+
+def filter_args(model, tmp_path, *extra):
+    return ["data", "filter", "jsonl", "--model", str(model), "--shots", "3", "--n", "12",
+            "--param", f"path={FACTS}", "--cache-dir", str(tmp_path / "cache"), *extra]
+
+
+def test_filter_cli_counts_cache_and_shots_outside_selection(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "unknown.jsonl"
+    assert main(filter_args(tiny_model_dir, tmp_path, "--out", str(out))) == 0
+    first = capsys.readouterr().out
+    assert "known" in first and "of 12" in first and "cached" not in first
+    (cache,) = (tmp_path / "cache").glob("*.json")
+    saved = json.loads(cache.read_text())
+    assert saved["counts"]["known"] + saved["counts"]["unknown"] == 12
+    # shots are rows 13-15 of the file: just after the selection, never one of the judged facts
+    assert saved["settings"]["shots"] == ["jsonl:13", "jsonl:14", "jsonl:15"]
+    assert len(out.read_text().splitlines()) == saved["counts"]["unknown"]
+    assert main(filter_args(tiny_model_dir, tmp_path)) == 0
+    assert "cached" in capsys.readouterr().out
+    # other settings are another cache entry
+    assert main(filter_args(tiny_model_dir, tmp_path, "--match", "exact")) == 0
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+
+
+def test_filter_without_room_for_shots_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
+    args = filter_args(tiny_model_dir, tmp_path)
+    args[args.index("--n") + 1] = "15"
+    assert main(args) == 2
+    assert "few-shot" in capsys.readouterr().err
+
+
+def test_set_cache_applies_max_tokens_and_filter(tiny_model_dir, tmp_path, monkeypatch):
+    from factmem.data import filter as filt
+    from factmem.data import build_source
+    from factmem.data.entities import EntitiesParams
+    from factmem.models import Formatter, load_tokenizer
+    from factmem.config import ModelConfig
+
+    monkeypatch.setattr(filt, "DEFAULT_CACHE", tmp_path / "cache")
+    fmt = Formatter(load_tokenizer(ModelConfig(name=str(tiny_model_dir))))
+    lengths = sorted(len(fmt.encode(e)) for e in build_source("entities", EntitiesParams(), 10, 0, 0))
+    limit = lengths[5]
+    raw = {"model": {"name": str(tiny_model_dir)},
+           "sets": {"a": {"source": "entities", "n": 10, "max_tokens": limit,
+                          "filter": "unknown_to_model", "filter_shots": 2}},
+           "stages": [{"name": "s1", "set": "a"}]}
+    cache = SetCache()
+    got = cache.sets(experiment_from_dict(raw).base)["a"]
+    report = cache.reports["a"]
+    dropped = sum(n > limit for n in lengths)
+    assert dropped > 0 and report["max_tokens"]["dropped"] == dropped
+    assert report["filter"]["total"] == 10 - dropped
+    assert len(got) == report["filter"]["unknown"] == report["kept"]
+    assert all(len(fmt.encode(e)) <= limit for e in got)
+
+
+def test_task_sets_are_generated_and_report_rouge_and_loss(tiny_model_dir):
+    from factmem.config import ModelConfig
+    from factmem.evaluate import evaluate_examples, summarize
+    from factmem.models import Formatter, load_model, load_tokenizer
+
+    cfg = ModelConfig(name=str(tiny_model_dir))
+    model, fmt = load_model(cfg), Formatter(load_tokenizer(cfg))
+    task = Example.qa("t:0", "Add 2 and 3.", "2 + 3 = 5\n#### 5", kind="task", match="number")
+    fact = Example.qa("f:0", "Capital?", "Paris")
+    preds = evaluate_examples(model, fmt, [task, fact], mode="fast", max_new_tokens=8)
+    assert preds[0].rouge_l is not None and preds[1].rouge_l is None
+    summary = summarize(preds)
+    assert summary["loss"] == pytest.approx(-summary["logprob"]) and "rouge_l" in summary
+
+
+@pytest.mark.slow
+def test_embedded_model_knows_capitals_not_fictional_entities(tmp_path, capsys):
+    """SmolLM2-135M, 3-shot: 6 capitals it knows, 6 fictional-entity facts it cannot know."""
+    assert main(filter_args("smollm2-135m", tmp_path)) == 0
+    print(capsys.readouterr().out)
+    (cache,) = (tmp_path / "cache").glob("*.json")
+    saved = json.loads(cache.read_text())
+    rows = [json.loads(line) for line in FACTS.read_text().splitlines()]
+    known_lines = {f"jsonl:{i + 1}" for i, r in enumerate(rows) if r.get("known") is True}
+    fictional = {f"jsonl:{i + 1}" for i, r in enumerate(rows) if r.get("known") is False}
+    assert fictional <= set(saved["unknown"])
+    assert len(known_lines & set(saved["known"])) >= 4
