@@ -83,6 +83,27 @@ def _cmd_data_filter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from factmem.analysis.run import analyze, parse_what
+
+    summary = analyze(args.run_dir, parse_what(args.what), block=args.block,
+                      batch_size=args.batch_size)
+    for row in summary.get("lens", []):
+        print(f"lens {row['variant']} seed{row['seed']} {row['stage']} {row['set']}: "
+              f"{row['decodable']}/{row['n']} decodable, first layer mean {row['mean']}, "
+              f"std {row['std']}, entropy {row['entropy_bits']} bits")
+    print(f"Tables: {args.run_dir}/analysis/ (summary.json)")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from factmem.report import write_report
+
+    md, html = write_report(args.run_dir)
+    print(f"Report: {md} and {html}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="factmem", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -126,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("--cache-dir", help="where verdicts are cached (default ~/.cache/factmem/filter)")
     filt.add_argument("--out", help="write the yet-to-learn examples to this .jsonl")
     filt.set_defaults(fn=_cmd_data_filter)
+
+    an = sub.add_parser("analyze", help="retention, graded retention, logit lens, layer "
+                        "reversion, probes over a run directory -> RUN_DIR/analysis/")
+    an.add_argument("run_dir", help="a run directory written by `factmem run`")
+    an.add_argument("--what", default="all",
+                    help="comma-separated: retention,graded,lens,reversion,probes (default all)")
+    an.add_argument("--block", type=int, default=1, help="layers reverted together (default 1)")
+    an.add_argument("--batch-size", type=int, help="evaluation batch (default: eval.batch_size)")
+    an.set_defaults(fn=_cmd_analyze)
+
+    rep = sub.add_parser("report", help="report.md and a self-contained report.html with figures")
+    rep.add_argument("run_dir", help="a run directory (run `factmem analyze` first for all figures)")
+    rep.set_defaults(fn=_cmd_report)
     return p
 
 

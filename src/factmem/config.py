@@ -119,10 +119,15 @@ class EvalConfig:
     """generate mode: tokens generated past the prompt (at least the gold length + 1 is used)"""
     match: Literal["exact", "contains"] = "exact"
     """exact: normalised prediction equals an answer; contains: an answer occurs in it"""
+    retention_every: int | None = None
+    """retention curves: evaluate the tracked sets (fast mode) every N optimizer steps of every
+    stage and write per-fact rows to the stage's retention.jsonl (null: off)"""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens: must be >= 1")
+        if self.retention_every is not None and self.retention_every < 1:
+            raise ValueError("retention_every: must be >= 1 (or null to turn it off)")
 
 
 @dataclass

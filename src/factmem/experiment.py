@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from factmem import io
+from factmem.analysis.retention import retention_callbacks
 from factmem.config import Experiment, ExperimentConfig, SetConfig, to_dict
 from factmem.data import Example, build_source
 from factmem.errors import FactmemError
@@ -221,10 +222,11 @@ def run_variant_seed(
         if main:
             io.write_json(stage_dir / "manifest.json", mixture.manifest())
         check = [e for e in sets[stage.set] if e.kind == "factoid"] or None
+        callbacks = retention_callbacks(cfg, tracked, stage_dir, stage.name, main)
         result = train_stage(
             model, accelerator, fmt, mixture.examples(), stage.train, seed=seed,
             memorize_check=check, eval_cfg=cfg.eval,
-            desc=f"{variant} seed{seed} {stage.name}", progress=progress,
+            desc=f"{variant} seed{seed} {stage.name}", progress=progress, callbacks=callbacks,
         )
         evaluate_tracked(stage.name, stage_dir)
         if main:

@@ -1,0 +1,1 @@
+"""Where facts live: retention curves, logit lens, layer reversion, manipulation probes."""

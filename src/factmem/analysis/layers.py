@@ -1,0 +1,77 @@
+"""Finding a causal LM's parts generically: its decoder layers, final norm and unembedding.
+
+No list of architectures: the decoder layers are the `nn.ModuleList` holding exactly
+`config.num_hidden_layers` modules, the final norm is the norm module the decoder applies
+before the unembedding (`norm`, `final_layernorm`, `ln_f`, ... on the decoder), and the
+unembedding is `get_output_embeddings()`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from factmem.errors import ModelError
+
+NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "final_norm")
+
+
+def num_layers(model) -> int:
+    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    if not n:
+        raise ModelError(f"{type(model).__name__}: config has no num_hidden_layers")
+    return int(n)
+
+
+def decoder_layers(model) -> tuple[str, nn.ModuleList]:
+    """(qualified name, module list) of the transformer blocks, in order."""
+    n = num_layers(model)
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not found:
+        raise ModelError(f"{type(model).__name__}: no module list of {n} decoder layers found")
+    return found[0]  # the outermost: vision towers etc. come after the text decoder rarely matter
+
+
+def final_norm(model) -> nn.Module:
+    """The normalisation applied to the last layer's output before the unembedding."""
+    owners = []
+    if hasattr(model, "get_decoder"):
+        try:
+            owners.append(model.get_decoder())
+        except (AttributeError, NotImplementedError):
+            pass
+    owners += [getattr(model, a, None) for a in ("model", "transformer", "gpt_neox", "decoder")]
+    for owner in owners:
+        if owner is None:
+            continue
+        for name in NORM_NAMES:
+            m = getattr(owner, name, None)
+            if isinstance(m, nn.Module):
+                return m
+    raise ModelError(f"{type(model).__name__}: cannot find the final norm before the unembedding "
+                     f"(looked for {', '.join(NORM_NAMES)} on the decoder); the logit lens needs it")
+
+
+def unembedding(model) -> nn.Module:
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ModelError(f"{type(model).__name__}: no output embeddings (not a causal LM head)")
+    return head
+
+
+def layer_param_groups(model, block: int = 1) -> list[tuple[str, int, int, list[str]]]:
+    """Parameters of consecutive decoder layers, `block` at a time, plus one group for all the
+    rest (embeddings, final norm, head): [(label, first layer, last layer, names)].
+    Layers are numbered from 1 (layer 0 is the embedding output in the logit lens)."""
+    prefix, layers = decoder_layers(model)
+    names = [n for n, _ in model.named_parameters()]
+    groups = []
+    for start in range(0, len(layers), block):
+        stop = min(start + block, len(layers))
+        owned = tuple(f"{prefix}.{i}." for i in range(start, stop))
+        label = f"{start + 1}" if stop - start == 1 else f"{start + 1}-{stop}"
+        groups.append((label, start + 1, stop, [n for n in names if n.startswith(owned)]))
+    in_layers = {n for g in groups for n in g[3]}
+    groups.append(("other", 0, 0, [n for n in names if n not in in_layers]))
+    return groups

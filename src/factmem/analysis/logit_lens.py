@@ -1,0 +1,148 @@
+"""Logit lens: decode each layer's residual stream through the final norm and the unembedding
+at the answer positions (teacher forced) and ask from which layer on the answer is top-1.
+
+Layer 0 is the embedding output (the input to the first block), layer L the output of block L.
+Block outputs are taken with forward hooks on the decoder layers, before the final norm, so the
+last layer's lens is exactly the model's own logits (`output_hidden_states` would not do: some
+models report the last hidden state after the final norm). Hooks are removed on exit.
+
+Per fact and layer: the first answer token's gold rank and probability, the mean gold
+probability over answer tokens, top-1 for the first token and for every answer token.
+Per fact: `first_layer`, the first layer from which the whole answer stays top-1 through the
+last layer (None when the last layer itself misses it). The end-of-turn token is not part of
+the answer here: it says when to stop, not what the fact is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from factmem.analysis.layers import decoder_layers, final_norm, unembedding
+from factmem.data.examples import Example
+from factmem.evaluate import pad_batch
+from factmem.models import Encoded, Formatter
+
+
+@contextmanager
+def capture_residuals(model):
+    """Yields a list that each forward fills with [embedding output, block 1 output, ...]
+    ([B, T, H] each); every hook is removed when the block exits, also on error."""
+    _, layers = decoder_layers(model)
+    states: list[torch.Tensor] = []
+
+    def pre_hook(_module, args, kwargs):
+        states.clear()
+        states.append(args[0] if args else kwargs["hidden_states"])
+
+    def hook(_module, _args, output):
+        states.append(output[0] if isinstance(output, (tuple, list)) else output)
+
+    handles = [layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    handles += [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        yield states
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def lens_logits(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
+    """Per layer 0..N the lens logits at `positions` ([L+1, B, P, V]) and the model's own
+    logits there ([B, P, V])."""
+    norm, head = final_norm(model), unembedding(model)
+    with capture_residuals(model) as states:
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, positions]
+        per_layer = torch.stack([head(norm(h[:, positions])) for h in states])
+    return per_layer.float(), logits.float()
+
+
+def answer_token_positions(e: Encoded, eos_id: int | None) -> tuple[list[int], list[int]]:
+    """(positions whose logits predict the answer tokens, those tokens), end-of-turn excluded."""
+    gold = e.input_ids[e.prompt_len :]
+    if len(gold) > 1 and gold[-1] == eos_id:
+        gold = gold[:-1]
+    return list(range(e.prompt_len - 1, e.prompt_len - 1 + len(gold))), gold
+
+
+@torch.no_grad()
+def logit_lens(model, fmt: Formatter, examples: Sequence[Example], batch_size: int = 16
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows per fact and layer, rows per fact with `first_layer`)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    items = [fmt.encode(ex) for ex in examples]
+    layer_rows: list[dict[str, Any]] = []
+    fact_rows: list[dict[str, Any]] = []
+    try:
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            ids, mask, _ = pad_batch(batch, fmt.tok.pad_token_id)
+            spans = [answer_token_positions(e, fmt.eos_id) for e in batch]
+            first = min(p[0] for p, _ in spans)
+            last = max(p[-1] for p, _ in spans)
+            positions = torch.arange(first, last + 1, device=device)
+            lens, _ = lens_logits(model, ids.to(device), mask.to(device), positions)
+            for row, (e, (pos, gold)) in enumerate(zip(batch, spans)):
+                idx = torch.tensor(pos, device=device) - first
+                rows = fact_layers(lens[:, row, idx], torch.tensor(gold, device=device))
+                for layer, r in enumerate(rows):
+                    layer_rows.append({"id": e.id, "layer": layer, **r})
+                fact_rows.append({"id": e.id, "n_layers": len(rows) - 1,
+                                  "first_layer": first_stable_layer([r["top1_all"] for r in rows]),
+                                  "first_layer_first_token": first_stable_layer(
+                                      [r["top1_first"] for r in rows])})
+    finally:
+        model.train(was_training)
+    return layer_rows, fact_rows
+
+
+def fact_layers(logits: torch.Tensor, gold: torch.Tensor) -> list[dict[str, Any]]:
+    """logits [L+1, A, V] at a fact's A answer positions, gold [A] -> one dict per layer."""
+    probs = torch.softmax(logits, -1)
+    gold_logit = logits.gather(-1, gold.expand(logits.shape[0], -1)[..., None])  # [L+1, A, 1]
+    ranks = (logits > gold_logit).sum(-1)  # [L+1, A]: how many tokens beat the gold one
+    gold_prob = probs.gather(-1, gold.expand(logits.shape[0], -1)[..., None])[..., 0]
+    return [
+        {"rank_first": int(ranks[layer, 0]), "prob_first": round(float(gold_prob[layer, 0]), 6),
+         "mean_prob": round(float(gold_prob[layer].mean()), 6),
+         "top1_first": bool(ranks[layer, 0] == 0), "top1_all": bool((ranks[layer] == 0).all())}
+        for layer in range(logits.shape[0])
+    ]
+
+
+def first_stable_layer(hits: Sequence[bool]) -> int | None:
+    """The first index from which every entry through the end is true; None if the last is not."""
+    if not hits or not hits[-1]:
+        return None
+    i = len(hits) - 1
+    while i > 0 and hits[i - 1]:
+        i -= 1
+    return i
+
+
+def layer_diversity(first_layers: Sequence[int | None], n_layers: int) -> dict[str, Any]:
+    """Summary of the first-decodable layers of a set: how early (mean, median) and how spread
+    (standard deviation, entropy in bits of the layer histogram, distinct layers)."""
+    decoded = [x for x in first_layers if x is not None]
+    out: dict[str, Any] = {"n": len(first_layers), "decodable": len(decoded), "n_layers": n_layers,
+                           "mean": None, "median": None, "std": None, "entropy_bits": None,
+                           "distinct": len(set(decoded)),
+                           "histogram": {str(k): v for k, v in sorted(Counter(decoded).items())}}
+    if decoded:
+        n = len(decoded)
+        mean = sum(decoded) / n
+        srt = sorted(decoded)
+        out["mean"] = round(mean, 4)
+        out["median"] = srt[n // 2] if n % 2 else (srt[n // 2 - 1] + srt[n // 2]) / 2
+        out["std"] = round(math.sqrt(sum((x - mean) ** 2 for x in decoded) / n), 4)
+        out["entropy_bits"] = round(-sum(c / n * math.log2(c / n)
+                                         for c in Counter(decoded).values()) + 0.0, 4)
+    return out

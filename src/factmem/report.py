@@ -1,0 +1,459 @@
+"""`factmem report RUN_DIR`: report.md and a self-contained report.html with PNG figures.
+
+Figures (RUN_DIR/report/*.png, embedded in the HTML as data URIs, so it opens without network):
+accuracy-matrix heat maps, retention curves per variant, graded retention, logit-lens curves by
+layer, first-decodable-layer histograms, layer-reversion curves, probe accuracies. Each carries
+a footer naming the model, sets, variants and seeds. Sections whose tables `factmem analyze`
+has not written are listed as missing, not drawn empty.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from factmem import io
+from factmem.analysis.run import collect_graded, collect_retention, load_run, read_jsonl, stage_dirs
+from factmem.errors import FactmemError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Section:
+    title: str
+    text: str = ""
+    headers: list[str] = field(default_factory=list)
+    rows: list[list[Any]] = field(default_factory=list)
+    figure: Path | None = None
+
+
+@dataclass
+class RunData:
+    root: Path
+    exp: Any
+    model: str
+    variants: list[str]
+    seeds: list[int]
+    stages: list[str]  # base first
+    sets: list[str]
+    own: dict[str, str]  # stage -> set it trains
+    accuracy: dict[str, dict[int, dict[str, Any]]]  # variant -> seed -> accuracy.json
+    tables: dict[str, list[dict[str, Any]]]
+    summary: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return (f"model: {self.model} | sets: {', '.join(self.sets)} | "
+                f"variants: {', '.join(self.variants)} | seeds: {', '.join(map(str, self.seeds))}")
+
+
+def load_data(run_dir: str | Path) -> RunData:
+    from factmem.experiment import RunPaths
+
+    root, exp = load_run(run_dir)
+    base = exp.base
+    accuracy: dict[str, dict[int, dict[str, Any]]] = {}
+    tables: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for vname, cfg in exp.variants.items():
+        for seed in cfg.seeds:
+            sd = RunPaths(root).seed_dir(vname, seed)
+            if (sd / "accuracy.json").is_file():
+                accuracy.setdefault(vname, {})[seed] = json.loads((sd / "accuracy.json").read_text())
+            if not (root / "analysis" / "retention.jsonl").is_file():  # read straight from the run
+                tables["retention"] += collect_retention(stage_dirs(cfg, sd), {"variant": vname,
+                                                                                "seed": seed})
+            if not (root / "analysis" / "graded.jsonl").is_file():
+                tables["graded"] += collect_graded(cfg, stage_dirs(cfg, sd), {"variant": vname,
+                                                                              "seed": seed})
+    if not accuracy:
+        raise FactmemError(f"{root}: no finished variant (no accuracy.json); nothing to report")
+    for name in ("retention", "graded", "lens_layers", "lens_facts", "reversion", "probes"):
+        path = root / "analysis" / f"{name}.jsonl"
+        if path.is_file():
+            tables[name] = read_jsonl(path)
+    summary_path = root / "analysis" / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    seeds = sorted({s for v in accuracy.values() for s in v})
+    return RunData(root, exp, base.model.name, list(accuracy), seeds,
+                   ["base", *[s.name for s in base.stages]], list(base.track),
+                   {s.name: s.set for s in base.stages}, accuracy, dict(tables), summary)
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, data: RunData, path: Path) -> Path:
+    fig.text(0.5, 0.005, data.label, ha="center", va="bottom", fontsize=7, color="0.35")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90, format="png")
+    _plt().close(fig)
+    return path
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def fig_accuracy(data: RunData, out: Path) -> Path:
+    plt = _plt()
+    n = len(data.variants)
+    fig, axes = plt.subplots(1, n, figsize=(2.2 + 1.3 * len(data.sets) * n, 0.9 + 0.5 * len(data.stages)),
+                             squeeze=False)
+    for ax, v in zip(axes[0], data.variants):
+        recs = list(data.accuracy[v].values())
+        stages = recs[0]["stages"]
+        grid = [[_mean(r["accuracy"][st][s] for r in recs) for s in data.sets] for st in stages]
+        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, x in enumerate(row):
+                ax.text(j, i, f"{100 * x:.0f}", ha="center", va="center",
+                        color="white" if x < 0.6 else "black", fontsize=9)
+        ax.set_xticks(range(len(data.sets)), data.sets)
+        ax.set_yticks(range(len(stages)), [f"after {s}" for s in stages])
+        ax.set_title(f"{v}: exact match (%)", fontsize=10)
+    return _save(fig, data, out / "accuracy.png")
+
+
+def _retention_series(rows, variant):
+    """[(global step, stage, set -> accuracy, set -> token_acc)] with stages laid end to end."""
+    by = defaultdict(list)
+    for r in rows:
+        if r["variant"] == variant:
+            by[(r["stage"], r["step"], r["set"])].append(r)
+    stage_order = list(dict.fromkeys(r["stage"] for r in rows if r["variant"] == variant))
+    series, offset, bounds = [], 0, []
+    for st in stage_order:
+        steps = sorted({k[1] for k in by if k[0] == st})
+        for step in steps:
+            acc = {k[2]: _mean(x["correct"] for x in v) for k, v in by.items() if k[:2] == (st, step)}
+            tok = {k[2]: _mean(x["token_acc"] for x in v) for k, v in by.items() if k[:2] == (st, step)}
+            series.append((offset + step, st, acc, tok))
+        offset += max(steps) if steps else 0
+        bounds.append((offset, st))
+    return series, bounds
+
+
+def fig_retention(data: RunData, out: Path) -> Path | None:
+    rows = data.tables.get("retention", [])
+    if not rows:
+        return None
+    plt = _plt()
+    variants = [v for v in data.variants if any(r["variant"] == v for r in rows)]
+    fig, axes = plt.subplots(len(variants), 1, figsize=(7.5, 2.4 * len(variants)), squeeze=False,
+                             sharey=True)
+    for ax, v in zip(axes[:, 0], variants):
+        series, bounds = _retention_series(rows, v)
+        for k, s in enumerate(data.sets):
+            xs = [x for x, _, acc, _ in series if s in acc]
+            color = f"C{k}"
+            ax.plot(xs, [acc[s] for _, _, acc, _ in series if s in acc], "-o", ms=2.5,
+                    color=color, label=f"{s} exact match")
+            ax.plot(xs, [tok[s] for _, _, _, tok in series if s in tok], "--", color=color,
+                    alpha=0.6, label=f"{s} token acc")
+        start = 0
+        for end, st in bounds:
+            ax.axvline(end, color="0.7", lw=0.8)
+            ax.text((start + end) / 2, 1.04, st, ha="center", fontsize=8)
+            start = end
+        ax.set_ylim(-0.02, 1.1)
+        ax.set_ylabel(v)
+        ax.legend(fontsize=7, loc="lower left", ncol=2)
+    axes[-1, 0].set_xlabel("optimizer step (stages laid end to end)")
+    fig.suptitle("Retention curves: tracked sets during training", fontsize=10)
+    return _save(fig, data, out / "retention.png")
+
+
+def fig_graded(data: RunData, out: Path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(2, len(data.sets), figsize=(3.4 * len(data.sets), 5), squeeze=False)
+    for j, s in enumerate(data.sets):
+        for i, (metric, name) in enumerate((("token_acc", "token accuracy"),
+                                            ("logprob", "gold mean log-prob"))):
+            ax = axes[i, j]
+            for k, v in enumerate(data.variants):
+                recs = list(data.accuracy[v].values())
+                stages = recs[0]["stages"]
+                ax.plot(range(len(stages)), [_mean(r[metric][st][s] for r in recs) for st in stages],
+                        "-o", color=f"C{k}", label=v)
+                ax.set_xticks(range(len(stages)), stages, fontsize=8)
+            ax.set_title(f"{s}: {name}", fontsize=9)
+            if i == 0:
+                ax.set_ylim(-0.02, 1.02)
+        axes[0, j].legend(fontsize=7)
+    fig.suptitle("Graded retention after each stage (teacher forced)", fontsize=10)
+    return _save(fig, data, out / "graded.png")
+
+
+def _lens_panels(data: RunData) -> list[tuple[str, str]]:
+    """(stage, set) panels: each set at the checkpoint of the stage that trained it, then at
+    the last stage."""
+    have = {(r["stage"], r["set"]) for r in data.tables.get("lens_facts", [])}
+    last = data.stages[-1]
+    panels = []
+    for st, s in data.own.items():
+        for p in ((st, s), (last, s)):
+            if p in have and p not in panels:
+                panels.append(p)
+    return panels
+
+
+def fig_lens(data: RunData, out: Path) -> Path | None:
+    rows = data.tables.get("lens_layers", [])
+    panels = _lens_panels(data)
+    if not rows or not panels:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False,
+                             sharey=True)
+    for ax, (st, s) in zip(axes[0], panels):
+        for k, v in enumerate(data.variants):
+            by = defaultdict(list)
+            for r in rows:
+                if (r["variant"], r["stage"], r["set"]) == (v, st, s):
+                    by[r["layer"]].append(r)
+            layers = sorted(by)
+            ax.plot(layers, [_mean(x["top1_all"] for x in by[L]) for L in layers], "-",
+                    color=f"C{k}", label=f"{v}: answer top-1")
+            ax.plot(layers, [_mean(x["prob_first"] for x in by[L]) for L in layers], ":",
+                    color=f"C{k}", label=f"{v}: p(first token)")
+        ax.set_title(f"{s} after {st}", fontsize=9)
+        ax.set_xlabel("layer (0 = embeddings)")
+    axes[0, 0].set_ylabel("fraction of facts / probability")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("Logit lens: answer decodable at each layer", fontsize=10)
+    return _save(fig, data, out / "lens.png")
+
+
+def fig_first_layer(data: RunData, out: Path) -> Path | None:
+    rows = data.tables.get("lens_facts", [])
+    panels = _lens_panels(data)
+    if not rows or not panels:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False,
+                             sharey=True)
+    n_layers = rows[0]["n_layers"]
+    width = 0.8 / max(len(data.variants), 1)
+    for ax, (st, s) in zip(axes[0], panels):
+        for k, v in enumerate(data.variants):
+            firsts = [r["first_layer"] for r in rows if (r["variant"], r["stage"], r["set"]) == (v, st, s)]
+            dec = [x for x in firsts if x is not None]
+            counts = [dec.count(L) for L in range(n_layers + 1)]
+            ax.bar([L - 0.4 + width * (k + 0.5) for L in range(n_layers + 1)], counts, width,
+                   color=f"C{k}", label=f"{v} ({len(dec)}/{len(firsts)}, mean "
+                   f"{_mean(dec):.1f})" if dec else f"{v} (0/{len(firsts)})")
+        ax.set_title(f"{s} after {st}", fontsize=9)
+        ax.set_xlabel("first layer from which the answer stays top-1")
+        ax.legend(fontsize=7)
+    axes[0, 0].set_ylabel("facts")
+    fig.suptitle("First decodable layer per fact", fontsize=10)
+    return _save(fig, data, out / "first_layer.png")
+
+
+def fig_reversion(data: RunData, out: Path) -> Path | None:
+    rows = data.summary.get("reversion") or []
+    rows = [r for r in rows if r["layer_start"] > 0]
+    if not rows:
+        return None
+    plt = _plt()
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.2), squeeze=False,
+                             sharey=True)
+    for ax, st in zip(axes[0], stages):
+        for k, v in enumerate(data.variants):
+            by = defaultdict(list)
+            for r in rows:
+                if (r["variant"], r["stage"]) == (v, st):
+                    by[(r["layer_start"], r["layer_end"])].append(r)
+            keys = sorted(by)
+            mids = [(a + b) / 2 for a, b in keys]
+            ax.plot(mids, [_mean(x["accuracy"] for x in by[k2]) for k2 in keys], "-o", ms=3,
+                    color=f"C{k}", label=f"{v}: exact match")
+            ax.plot(mids, [_mean(x["token_acc"] for x in by[k2]) for k2 in keys], ":",
+                    color=f"C{k}", label=f"{v}: token acc")
+        s = data.own.get(st, "")
+        ax.set_title(f"{s} after {st}: one layer block reverted", fontsize=9)
+        ax.set_xlabel("reverted layer")
+        ax.set_ylim(-0.02, 1.05)
+    axes[0, 0].set_ylabel("accuracy with the block at pre-stage weights")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("Layer reversion: which layers hold the stage's facts", fontsize=10)
+    return _save(fig, data, out / "reversion.png")
+
+
+def fig_probes(data: RunData, out: Path) -> Path | None:
+    rows = [r for r in data.summary.get("probes") or [] if data.own.get(r["stage"]) == r["set"]]
+    if not rows:
+        return None
+    plt = _plt()
+    panels = list(dict.fromkeys((r["stage"], r["set"]) for r in rows))
+    names = ["original", "paraphrase", "choice", "choice (likelihood)", "reverse"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.2), squeeze=False,
+                             sharey=True)
+    width = 0.8 / max(len(data.variants), 1)
+    for ax, (st, s) in zip(axes[0], panels):
+        for k, v in enumerate(data.variants):
+            vals = []
+            for n in names:
+                probe = "choice" if n.startswith("choice") else n
+                key = "choice_accuracy" if n == "choice (likelihood)" else "accuracy"
+                sel = [r[key] for r in rows if (r["variant"], r["stage"], r["set"], r["probe"])
+                       == (v, st, s, probe)]
+                vals.append(_mean(sel))
+            ax.bar([i - 0.4 + width * (k + 0.5) for i in range(len(names))], vals, width,
+                   color=f"C{k}", label=v)
+        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        ax.set_title(f"{s} right after {st}", fontsize=9)
+        ax.set_ylim(0, 1.05)
+    axes[0, 0].set_ylabel("accuracy")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("Manipulation probes on memorized facts", fontsize=10)
+    return _save(fig, data, out / "probes.png")
+
+
+# --------------------------------------------------------------------------------------------
+# Sections (one list renders to both markdown and HTML)
+
+
+def _pct(x) -> str:
+    return "-" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def sections(data: RunData, figdir: Path) -> list[Section]:
+    out: list[Section] = []
+    acc_rows = []
+    for v in data.variants:
+        recs = list(data.accuracy[v].values())
+        for st in recs[0]["stages"]:
+            acc_rows.append([v, st, *[_pct(_mean(r["accuracy"][st][s] for r in recs))
+                                      for s in data.sets]])
+    out.append(Section("Accuracy matrix", "Exact match (%) on each tracked set after each stage, "
+                       "mean over seeds.", ["variant", "after", *data.sets], acc_rows,
+                       fig_accuracy(data, figdir)))
+    out.append(Section("Retention curves", "Tracked sets evaluated every "
+                       "`eval.retention_every` optimizer steps (solid: exact match, dashed: "
+                       "teacher-forced token accuracy).", figure=fig_retention(data, figdir))
+               if data.tables.get("retention") else
+               Section("Retention curves", "Not recorded: run with `eval.retention_every: N`."))
+    g_rows = []
+    for v in data.variants:
+        recs = list(data.accuracy[v].values())
+        for st in recs[0]["stages"]:
+            g_rows.append([v, st, *[f"{_mean(r['token_acc'][st][s] for r in recs):.3f} / "
+                                    f"{_mean(r['logprob'][st][s] for r in recs):.2f}"
+                                    for s in data.sets]])
+    out.append(Section("Graded retention", "Teacher-forced token accuracy / mean gold log-prob "
+                       "per set after each stage: partial retention that exact match hides.",
+                       ["variant", "after", *data.sets], g_rows, fig_graded(data, figdir)))
+    lens = data.summary.get("lens") or []
+    if lens:
+        l_rows = [[r["variant"], r["seed"], r["stage"], r["set"], f"{r['decodable']}/{r['n']}",
+                   r["mean"], r["median"], r["std"], r["entropy_bits"], r["distinct"]]
+                  for r in lens]
+        out.append(Section("Logit lens", "Each layer's residual stream decoded through the final "
+                           "norm and unembedding at the answer positions. First decodable layer "
+                           "= first layer from which every answer token stays top-1 to the last "
+                           "layer; spread = standard deviation and entropy of its histogram.",
+                           ["variant", "seed", "checkpoint", "set", "decodable", "mean layer",
+                            "median", "std", "entropy (bits)", "distinct layers"], l_rows,
+                           fig_lens(data, figdir)))
+        out.append(Section("First decodable layer", "", figure=fig_first_layer(data, figdir)))
+    else:
+        out.append(Section("Logit lens", "Not computed: run `factmem analyze RUN_DIR` on a run "
+                           "with `output.save_checkpoints: true`."))
+    rev = [r for r in data.summary.get("reversion") or []]
+    if rev:
+        r_rows = []
+        for (v, s, st) in dict.fromkeys((r["variant"], r["seed"], r["stage"]) for r in rev):
+            mine = [r for r in rev if (r["variant"], r["seed"], r["stage"]) == (v, s, st)]
+            layers = [r for r in mine if r["layer_start"] > 0]
+            worst = min(layers, key=lambda r: r["accuracy"]) if layers else None
+            ref = {r["group"]: r["accuracy"] for r in mine}
+            r_rows.append([v, s, st, mine[0]["set"], _pct(ref.get("none")), _pct(ref.get("all")),
+                           _pct(_mean(r["accuracy"] for r in layers)),
+                           f"{worst['group']} ({_pct(worst['accuracy'])})" if worst else "-"])
+        out.append(Section("Layer reversion", "Exact match (%) on a stage's own set with one block "
+                           "of layers reverted to its weights before the stage.",
+                           ["variant", "seed", "stage", "set", "trained", "all reverted",
+                            "mean over single blocks", "most harmful block"], r_rows,
+                           fig_reversion(data, figdir)))
+    probes = data.summary.get("probes") or []
+    if probes:
+        p_rows = [[r["variant"], r["seed"], r["stage"], r["set"], r["probe"], _pct(r["accuracy"]),
+                   _pct(r.get("choice_accuracy"))] for r in probes]
+        out.append(Section("Manipulation probes", "Memorized facts asked in changed forms (exact "
+                           "match %; multiple choice also scored by likelihood among options).",
+                           ["variant", "seed", "checkpoint", "set", "probe", "exact match",
+                            "choice by likelihood"], p_rows, fig_probes(data, figdir)))
+    return out
+
+
+def to_markdown(data: RunData, secs: Sequence[Section], root: Path) -> str:
+    lines = [f"# factmem report: {data.exp.name}", "", data.label, ""]
+    for s in secs:
+        lines += [f"## {s.title}", ""]
+        if s.text:
+            lines += [s.text, ""]
+        if s.figure:
+            lines += [f"![{s.title}]({s.figure.relative_to(root).as_posix()})", ""]
+        if s.headers:
+            lines.append("| " + " | ".join(s.headers) + " |")
+            lines.append("|" + "---|" * len(s.headers))
+            lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in s.rows]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def to_html(data: RunData, secs: Sequence[Section]) -> str:
+    esc = html.escape
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
+             f"<title>factmem report: {esc(data.exp.name)}</title><style>"
+             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;font-size:13px;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+             "img{max-width:100%}</style></head><body>",
+             f"<h1>factmem report: {esc(data.exp.name)}</h1><p>{esc(data.label)}</p>"]
+    for s in secs:
+        parts.append(f"<h2>{esc(s.title)}</h2>")
+        if s.text:
+            parts.append(f"<p>{esc(s.text)}</p>")
+        if s.figure:
+            b64 = base64.b64encode(s.figure.read_bytes()).decode()
+            parts.append(f"<img alt='{esc(s.title)}' src='data:image/png;base64,{b64}'>")
+        if s.headers:
+            parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in s.headers) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>"
+                      for row in s.rows]
+            parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    data = load_data(run_dir)
+    root = data.root
+    secs = sections(data, root / "report")
+    md, page = root / "report.md", root / "report.html"
+    io.write_text(md, to_markdown(data, secs, root))
+    io.write_text(page, to_html(data, secs))
+    return md, page
