@@ -19,8 +19,11 @@ def check_set(name: str, examples: list[Example]) -> None:
     seen: dict[str, int] = {}
     for i, ex in enumerate(examples):
         if ex.id in seen:
-            raise DataError(f"sets.{name}: duplicate id {ex.id!r} (items {seen[ex.id]} and {i}); "
-                            "ids must be unique within a set")
+            first = examples[seen[ex.id]]
+            where = (f"lines {first.meta['line']} and {ex.meta['line']}"
+                     if "line" in first.meta and "line" in ex.meta else f"items {seen[ex.id]} and {i}")
+            raise DataError(f"sets.{name}: duplicate id {ex.id!r} ({where}); ids must be unique "
+                            "within a set")
         seen[ex.id] = i
 
 
@@ -33,6 +36,9 @@ def model_context(cfg: ModelConfig) -> int | None:
                                         trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:  # e.g. custom code without trust_remote_code: true
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if "trust_remote_code" in str(e) and not cfg.trust_remote_code:
+            msg = ("it ships its own code, which factmem runs only with "
+                   "model.trust_remote_code: true (set it only if you trust that code)")
         raise ModelError(f"model {cfg.name!r}: cannot read its config ({msg})") from None
     n = getattr(mc, "max_position_embeddings", None)
     return int(n) if isinstance(n, int) and n > 0 else None
