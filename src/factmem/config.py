@@ -193,7 +193,7 @@ class OutputConfig:
     """save the model (safetensors) after every stage, for analysis"""
     save_predictions: bool = True
     """write per-example predictions (JSONL) for every tracked set after every stage"""
-    checkpoint_every: int | None = 25
+    checkpoint_every: int | None = 50
     """save a resumable in-stage checkpoint every N optimizer steps (null: only between stages;
     an interrupted stage then restarts from its beginning)"""
 

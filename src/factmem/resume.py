@@ -139,12 +139,12 @@ def check_resumable(root: Path, raw: dict[str, Any], resolved: dict[str, Any]) -
     """Refuse to continue in `root` unless it is a factmem run of the same config. Compares the
     config as given (keys the user wrote) and, failing that, every resolved variant."""
     saved = root / "resolved.json"
-    if not saved.is_file():
+    if not saved.is_file() and not (root / "config.yaml").is_file():
         raise FactmemError(f"run directory {root} exists and is not a factmem run; pass "
                            "--overwrite to start over or --output DIR to write elsewhere")
     old_raw = _load_yaml(root / "config.yaml")
     keys = [k for k in diff_keys(old_raw, raw) if not k.startswith(OPERATIONAL_KEYS)]
-    if not keys:
+    if not keys and saved.is_file():  # (killed between writing the two files: raw only)
         old = io.read_json(saved)
         keys = [k for k in diff_keys(old, resolved)
                 if not k.split(".", 1)[-1].startswith(OPERATIONAL_KEYS)]
