@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config key, e.g. --set train.lr=1e-5 (repeatable)")
     run.add_argument("--output", help="parent directory of the run (default: output.dir)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    run.add_argument("--restart", dest="overwrite", action="store_true",
+                     help="same as --overwrite: discard an existing (interrupted) run and start over; "
+                     "without it, the same command on an existing run directory continues it")
     run.add_argument("--dry-run", action="store_true", help="validate the config and stop")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(fn=_cmd_run)

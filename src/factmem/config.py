@@ -211,6 +211,13 @@ class OutputConfig:
     """save the model (safetensors) after every stage, for analysis"""
     save_predictions: bool = True
     """write per-example predictions (JSONL) for every tracked set after every stage"""
+    checkpoint_every: int | None = 50
+    """save a resumable in-stage checkpoint every N optimizer steps (null: only between stages;
+    an interrupted stage then restarts from its beginning)"""
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every: must be >= 1 or null, got {self.checkpoint_every}")
 
 
 @dataclass
@@ -431,7 +438,15 @@ def _parse_experiment(raw: dict[str, Any], path: str = "") -> ExperimentConfig:
     if not cfg.track:
         cfg.track = list(dict.fromkeys(s.set for s in stages))
     _check_references(cfg)
+    _check_run_name(cfg.name)
     return cfg
+
+
+def _check_run_name(name: str) -> None:
+    """The run directory is output.dir/name: a name must not lead anywhere else."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).is_absolute():
+        raise _Invalid("name", f"{name!r} is not a plain directory name (no '/', '..' or "
+                       "absolute paths: the run directory must stay inside output.dir)")
 
 
 def _check_selection(n: int | None, offset: int, path: str) -> None:

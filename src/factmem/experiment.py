@@ -36,8 +36,11 @@ from factmem.errors import FactmemError
 from factmem.evaluate import evaluate_examples, forgetting, summarize
 from factmem.mixing import build_mixture
 from factmem.models import Formatter, describe, load_model, load_tokenizer
+from factmem.resume import (FiniteGuard, RunLock, StageCheckpointer, check_resumable,
+                            has_stage_weights, load_stage_weights, save_stage_weights)
 from factmem.results import summary_table, write_summary
 from factmem.train import train_stage
+from factmem.validate import check_context, check_set, model_context
 
 log = logging.getLogger(__name__)
 
@@ -115,16 +118,19 @@ def prepare(exp: Experiment) -> tuple[SetCache, Any]:
     tokenizer = None
     for vname, cfg in exp.variants.items():
         sets = cache.sets(cfg)
+        for name, examples in sets.items():
+            check_set(name, examples)  # empty sets, duplicate ids
         if tokenizer is None:
             tokenizer = load_tokenizer(cfg.model)
+            context = model_context(cfg.model)
         fmt = Formatter(tokenizer, cfg.model.system_prompt, cfg.model.max_length)
         for k in range(len(cfg.stages)):
             mixture = build_mixture(cfg, k, sets, cfg.seeds[0])
             for ex in mixture.examples():
-                fmt.encode(ex)  # raises on over-long items, broken templates
+                check_context(fmt.encode(ex), context)  # raises on over-long items, templates
         for name in cfg.track:
             for ex in sets[name]:
-                fmt.encode(ex)
+                check_context(fmt.encode(ex), context)
     return cache, tokenizer
 
 
@@ -140,15 +146,28 @@ def run_experiment(
     base = exp.base
     root = Path(output_dir or base.output.dir) / safe_name(exp.name)
     accelerator = Accelerator()
+    lock = RunLock(root)  # one writer per run directory
     if accelerator.is_main_process:
+        lock.acquire()
+    try:
+        return _run_locked(exp, root, cache, tokenizer, accelerator, overwrite, progress)
+    finally:
+        lock.release()
+
+
+def _run_locked(exp: Experiment, root: Path, cache: SetCache, tokenizer, accelerator,
+                overwrite: bool, progress: bool) -> dict[str, Any]:
+    if accelerator.is_main_process:
+        resolved = {n: to_dict(c) for n, c in exp.variants.items()}
         if root.exists() and any(root.iterdir()):
-            if not overwrite:
-                raise FactmemError(f"run directory {root} exists; pass --overwrite to start over "
-                                   "or --output DIR to write elsewhere")
-            shutil.rmtree(root)
+            if overwrite:
+                shutil.rmtree(root)
+            else:  # the same command again continues the run; a changed config is refused
+                check_resumable(root, exp.raw, json.loads(json.dumps(resolved)))
+                log.info("continuing the run in %s (finished stages are kept)", root)
         root.mkdir(parents=True, exist_ok=True)
         io.write_text(root / "config.yaml", yaml.safe_dump(exp.raw, sort_keys=False))
-        io.write_json(root / "resolved.json", {n: to_dict(c) for n, c in exp.variants.items()})
+        io.write_json(root / "resolved.json", resolved)
         if cache.reports:  # items dropped by max_tokens / yet-to-learn filtering, per set
             io.write_json(root / "data.json", cache.reports)
     accelerator.wait_for_everyone()
@@ -186,7 +205,13 @@ def run_variant_seed(
     progress: bool,
     reuse: StageReuse | None = None,
 ) -> dict[str, Any]:
-    """Train one variant with one seed through all stages; returns its accuracy matrix."""
+    """Train one variant with one seed through all stages; returns its accuracy matrix.
+    Continues an interrupted run: finished stages in `out` are skipped (see factmem.resume)."""
+    if (out / "accuracy.json").is_file():
+        log.info("%s seed%d: finished in an earlier run, skipped", variant, seed)
+        if reuse:
+            reuse.finished(stage_keys(cfg, seed))
+        return io.read_json(out / "accuracy.json")
     set_seed(seed)
     fmt = Formatter(tokenizer, cfg.model.system_prompt, cfg.model.max_length)
     model = load_model(cfg.model)
@@ -194,7 +219,13 @@ def run_variant_seed(
     tracked = {name: sets[name] for name in cfg.track}
     matrix: dict[str, dict[str, dict[str, float]]] = {}
     keys = stage_keys(cfg, seed)
-    done = reuse.restore(keys, model, matrix, out) if reuse else -1  # stages already run
+    done = restore_finished(cfg, out, model, matrix)  # stages finished by an earlier run
+    if done >= 0 and reuse:
+        reuse.offer(keys[done], model, matrix, out, done)
+    elif reuse:
+        done = reuse.restore(keys, model, matrix, out)  # stages already run
+        if done >= 0 and main:  # on disk too, so that a crash later on does not lose them
+            save_stage_weights(model, stage_path(out, cfg, done) / "resume" / "final")
     model = accelerator.prepare(model)
 
     def evaluate_tracked(stage_name: str, stage_dir: Path) -> None:
@@ -209,7 +240,9 @@ def run_variant_seed(
                 io.write_jsonl(stage_dir / "predictions" / f"{set_name}.jsonl",
                                (p.to_json() for p in preds))
 
-    if done < 0:
+    if done < 0 and (out / "00-base" / "metrics.json").is_file():
+        matrix[BASE_STAGE] = io.read_json(out / "00-base" / "metrics.json")["eval"]
+    elif done < 0:
         evaluate_tracked(BASE_STAGE, out / "00-base")
         if main:
             io.write_json(out / "00-base" / "metrics.json", {"eval": matrix[BASE_STAGE],
@@ -222,7 +255,9 @@ def run_variant_seed(
         if main:
             io.write_json(stage_dir / "manifest.json", mixture.manifest())
         check = [e for e in sets[stage.set] if e.kind == "factoid"] or None
-        callbacks = retention_callbacks(cfg, tracked, stage_dir, stage.name, main)
+        ckpt = StageCheckpointer(stage_dir / "resume", cfg.output.checkpoint_every, write=main)
+        callbacks = [FiniteGuard(ckpt, f"{variant} seed{seed} {stage.name}"),
+                     *retention_callbacks(cfg, tracked, stage_dir, stage.name, main), ckpt]
         result = train_stage(
             model, accelerator, fmt, mixture.examples(), stage.train, seed=seed,
             memorize_check=check, eval_cfg=cfg.eval,
@@ -230,12 +265,17 @@ def run_variant_seed(
         )
         evaluate_tracked(stage.name, stage_dir)
         if main:
+            if cfg.output.save_checkpoints:
+                save_checkpoint(accelerator.unwrap_model(model), tokenizer, stage_dir / "checkpoint")
+            # weights first, metrics.json last: metrics.json marks the stage as finished
+            save_stage_weights(accelerator.unwrap_model(model), stage_dir / "resume" / "final")
             io.write_jsonl(stage_dir / "train_log.jsonl", result.log)
             io.write_json(stage_dir / "metrics.json",
                           {"train": result.to_json(), "eval": matrix[stage.name],
                            "seconds": round(result.seconds, 2)})
-            if cfg.output.save_checkpoints:
-                save_checkpoint(accelerator.unwrap_model(model), tokenizer, stage_dir / "checkpoint")
+            ckpt.clear()
+            if k > 0:  # only the last finished stage's weights are needed to continue
+                shutil.rmtree(stage_path(out, cfg, k - 1) / "resume", ignore_errors=True)
         log_stage(variant, seed, stage.name, result, matrix[stage.name])
         if reuse:
             reuse.offer(keys[k], accelerator.unwrap_model(model), matrix, out, k)
@@ -245,7 +285,36 @@ def run_variant_seed(
     record = accuracy_record(cfg, matrix)
     if main:
         io.write_json(out / "accuracy.json", record)
+        for k in range(len(cfg.stages)):  # finished: the temporary weights go
+            shutil.rmtree(stage_path(out, cfg, k) / "resume", ignore_errors=True)
     return record
+
+
+def stage_path(out: Path, cfg: ExperimentConfig, k: int) -> Path:
+    return out / f"{k + 1:02d}-{safe_name(cfg.stages[k].name)}"
+
+
+def restore_finished(cfg: ExperimentConfig, out: Path, model, matrix: dict) -> int:
+    """Load the model after the last stage an earlier run finished in `out` (metrics.json
+    written) and those stages' results; returns its index, or -1 if none."""
+    last = -1
+    for k in range(len(cfg.stages)):
+        if not (stage_path(out, cfg, k) / "metrics.json").is_file():
+            break
+        last = k
+    if last < 0:
+        return -1
+    weights = stage_path(out, cfg, last) / "resume" / "final"
+    if not has_stage_weights(weights):
+        log.warning("%s: stage %s finished but its weights are gone; redoing the stages", out,
+                    cfg.stages[last].name)
+        return -1
+    load_stage_weights(model, weights)
+    matrix[BASE_STAGE] = io.read_json(out / "00-base" / "metrics.json")["eval"]
+    for k in range(last + 1):
+        matrix[cfg.stages[k].name] = io.read_json(stage_path(out, cfg, k) / "metrics.json")["eval"]
+    log.info("%s: stages 1-%d finished earlier; continuing from %s", out, last + 1, weights)
+    return last
 
 
 def stage_keys(cfg: ExperimentConfig, seed: int) -> list[str]:
@@ -297,7 +366,8 @@ class StageReuse:
             src: Path = entry["dir"]
             for d in sorted(src.iterdir()):
                 if d.is_dir() and d.name[:2].isdigit() and int(d.name[:2]) <= k + 1:
-                    shutil.copytree(d, out / d.name, dirs_exist_ok=True)
+                    shutil.copytree(d, out / d.name, dirs_exist_ok=True,
+                                    ignore=shutil.ignore_patterns("resume"))
                     io.write_json(out / d.name / "reused_from.json",
                                   {"path": str(src / d.name), "key": keys[k]})
             log.info("reusing stages 1-%d from %s (same settings and seed)", k + 1, src)

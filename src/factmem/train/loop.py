@@ -53,6 +53,23 @@ class StageContext:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # current epoch (1-based)
     log: list[dict[str, Any]] = field(default_factory=list)
+    tokens: int = 0  # tokens processed so far (padding excluded)
+    position: int = 0  # batches of `epoch` finished (the data order is a function of seed, epoch)
+    batch_ids: list[str] = field(default_factory=list)  # example ids of the current step's batch
+    resume: ResumePoint | None = None  # set in on_stage_start by a callback that restores a stage
+
+
+@dataclass
+class ResumePoint:
+    """Where a restored stage continues: the loop skips the first `position` batches of
+    `epoch` and carries its running totals on. Model, optimizer, scheduler, stop rule, `ctx.step`
+    and `ctx.log` are restored by the callback itself."""
+
+    epoch: int
+    position: int
+    tokens: int
+    memorized_epoch: int | None
+    loss: float
 
 
 class StageCallback:
@@ -151,11 +168,21 @@ def train_stage(
     model.train()
     for cb in callbacks:
         cb.on_stage_start(ctx)
-    for epoch in range(1, rule.max_epochs + 1):
+    first_epoch, resume = 1, ctx.resume
+    if resume is not None:  # a checkpoint was restored: continue exactly where it was taken
+        first_epoch, step = resume.epoch, ctx.step
+        tokens, memorized_epoch, loss_value = resume.tokens, resume.memorized_epoch, resume.loss
+        pad_fracs = [padding_fraction(lengths, length_grouped_batches(lengths, cfg.batch_size,
+                                                                      seed, e))
+                     for e in range(1, first_epoch)]
+    last_epoch = first_epoch - 1 if rule.state.stopped else rule.max_epochs
+    for epoch in range(first_epoch, last_epoch + 1):
         ctx.epoch = epoch
         batches = length_grouped_batches(lengths, cfg.batch_size, seed, epoch)
         pad_fracs.append(padding_fraction(lengths, batches))
-        bar = tqdm(batches, desc=f"{desc} epoch {epoch}/{rule.max_epochs}", leave=False,
+        skip = resume.position if resume is not None and epoch == resume.epoch else 0
+        ctx.position = skip
+        bar = tqdm(batches[skip:], desc=f"{desc} epoch {epoch}/{rule.max_epochs}", leave=False,
                    disable=not (progress and accelerator.is_main_process), mininterval=0.5,
                    dynamic_ncols=True)
         for batch in bar:
@@ -163,6 +190,7 @@ def train_stage(
             # normalised by the global number of answer tokens, so any process count or
             # accumulation setting computes the same gradient.
             shard = batch[rank::world]
+            ctx.batch_ids = [encoded[i].id for i in batch]
             micro = split_micro(shard, cfg.grad_accum)
             n_tokens = sum(sum(1 for x in encoded[i].labels[1:] if x != -100) for i in batch)
             loss_total, hits_total = 0.0, 0
@@ -192,20 +220,23 @@ def train_stage(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             ctx.step = step
+            ctx.position += 1
             stats = torch.tensor([loss_total, hits_total], dtype=torch.float64,
                                  device=accelerator.device)
             stats = accelerator.reduce(stats, reduction="sum") if world > 1 else stats
             loss_value = stats[0].item() / n_tokens
             tok_acc = stats[1].item() / n_tokens
             tokens += sum(lengths[i] for i in batch)
+            ctx.tokens = tokens
             row = {"step": step, "epoch": epoch, "loss": loss_value, "tok_acc": tok_acc,
                    "lr": scheduler.get_last_lr()[0]}
             log.append(row)
+            stop = rule.after_step(loss_value)  # before the callbacks: checkpoints see its counters
             for cb in callbacks:
                 cb.on_step_end(ctx, row)
             bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{tok_acc:.2f}",
                             **({"em": f"{em:.2f}"} if em is not None else {}))
-            if rule.after_step(loss_value):
+            if stop:
                 break
         bar.close()
         if rule.state.stopped:

@@ -1,0 +1,133 @@
+"""Every kind of bad input is refused before anything is written: one line on stderr naming the
+file/line/key, exit code 2, no run directory."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from factmem.cli import main
+
+
+def write_config(model_dir: Path, tmp: Path) -> Path:
+    cfg = {
+        "name": "tiny",
+        "model": {"name": str(model_dir)},
+        "train": {"lr": 3e-3, "batch_size": 4, "stop": {"rule": "epochs", "epochs": 1}},
+        "sets": {"kvr_a": {"source": "kvr", "n": 4, "key_length": 4, "value_length": 3},
+                 "kvr_b": {"source": "kvr", "n": 4, "offset": 2000, "key_length": 4,
+                           "value_length": 3}},
+        "stages": [{"name": "stage1", "set": "kvr_a"}, {"name": "stage2", "set": "kvr_b"}],
+        "output": {"dir": str(tmp / "runs")},
+    }
+    path = tmp / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def data_file(tmp: Path, content: bytes | str, name: str = "qa.jsonl") -> str:
+    p = tmp / name
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(p)
+
+
+ROW = '{"id": "%s", "question": "%s", "answer": "x"}\n'
+
+# (case, how to break the input: fn(tmp, config_path, model_dir) -> extra CLI args, message)
+CASES = {
+    "malformed YAML": (
+        lambda t, c, m: c.write_text("name: x\nsets: {a: [1, 2}\n") and [],
+        "exp.yaml:2:"),
+    "non-UTF-8 config": (
+        lambda t, c, m: c.write_bytes(b"name: caf\xe9\n") and [], "exp.yaml: not UTF-8"),
+    "unknown key": (
+        lambda t, c, m: ["--set", "trian.lr=1"], "trian: unknown key; did you mean 'train'?"),
+    "unknown nested key": (
+        lambda t, c, m: ["--set", "train.stop.epoch=3"], "train.stop.epoch: unknown key; did you mean 'epochs'?"),
+    "wrong type": (
+        lambda t, c, m: ["--set", "train.batch_size=eight"],
+        "train.batch_size: expected an integer, got 'eight'"),
+    "negative ratio": (
+        lambda t, c, m: ["--set", "stages.stage2.mix=[{source: generic, ratio: -2}]"],
+        "stages.1.mix.0.ratio: must be >= 0, got -2"),
+    "lr zero": (lambda t, c, m: ["--set", "train.lr=0"], "train.lr: must be > 0, got 0"),
+    "lr negative": (lambda t, c, m: ["--set", "train.lr=-1e-5"], "train.lr: must be > 0"),
+    "zero batch": (lambda t, c, m: ["--set", "train.batch_size=0"], "must be >= 1"),
+    "unknown source": (
+        lambda t, c, m: ["--set", "sets.kvr_a.source=kvrr"],
+        "sets.kvr_a.source: unknown source 'kvrr' (did you mean 'kvr'?); valid sources:"),
+    "unknown set reference": (
+        lambda t, c, m: ["--set", "stages.stage2.set=kvr_c"], "stages.1.set: no set named 'kvr_c'"),
+    "missing file": (
+        lambda t, c, m: ["--set", "sets.kvr_a={source: jsonl, path: /nonexistent/qa.jsonl}"],
+        "/nonexistent/qa.jsonl: no such file"),
+    "row missing a field": (
+        lambda t, c, m: ["--set", "sets.kvr_a={source: jsonl, path: %s}" % data_file(
+            t, ROW % ("a", "q1") + '{"question": "q2"}\n')],
+        "qa.jsonl:2: row has no field 'answer'"),
+    "malformed JSON row": (
+        lambda t, c, m: ["--set", "sets.kvr_a={source: jsonl, path: %s}" % data_file(
+            t, ROW % ("a", "q1") + '{"question": "q2", \n')], "qa.jsonl:2: malformed JSON"),
+    "non-UTF-8 data": (
+        lambda t, c, m: ["--set", "sets.kvr_a={source: jsonl, path: %s}" % data_file(
+            t, (ROW % ("a", "q1")).encode() + b'{"question": "caf\xe9", "answer": "x"}\n')],
+        "qa.jsonl:2: not UTF-8"),
+    "duplicate ids": (
+        lambda t, c, m: ["--set", "sets.kvr_a={source: jsonl, path: %s, id_field: id}" % data_file(
+            t, ROW % ("q1", "a") + ROW % ("q2", "b") + ROW % ("q1", "c"))],
+        "sets.kvr_a: source 'jsonl' produced duplicate id 'jsonl:q1'"),
+    "empty data file": (
+        lambda t, c, m: ["--set", "sets.kvr_a={source: jsonl, path: %s}" % data_file(t, "\n")],
+        "qa.jsonl: no rows"),
+    "empty set": (lambda t, c, m: ["--set", "sets.kvr_a.n=0"], "sets.kvr_a.n: must be >= 1"),
+    "item longer than model.max_length": (
+        lambda t, c, m: ["--set", "model.max_length=16"], "longer than model.max_length = 16"),
+    "item longer than the model's context": (
+        lambda t, c, m: ["--set", "model.max_length=4096", "--set",
+                         "sets.kvr_a={source: jsonl, path: %s}" % data_file(t, ROW % ("a", "q" * 600))],
+        "tokens, longer than the model's context (512 positions"),
+    "run name escaping upwards": (
+        lambda t, c, m: ["--set", "name=../escaped"], "name: '../escaped' is not a plain directory name"),
+    "absolute run name": (
+        lambda t, c, m: ["--set", "name=/tmp/escaped"], "name: '/tmp/escaped' is not a plain"),
+    "checkpoint_every zero": (
+        lambda t, c, m: ["--set", "output.checkpoint_every=0"],
+        "output.checkpoint_every: must be >= 1 or null, got 0"),
+    "missing model": (
+        lambda t, c, m: ["--set", "model.name=/nonexistent/model"], "model '/nonexistent/model' not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_refused_with_one_line_exit_2_and_nothing_written(case, tiny_model_dir,
+                                                                      tmp_path, capsys):
+    cfg = write_config(tiny_model_dir, tmp_path)
+    breaker, message = CASES[case]
+    extra = breaker(tmp_path, cfg, tiny_model_dir) or []
+    assert main(["run", str(cfg), "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("factmem: error: ") and err.count("\n") == 1, err
+    assert message in err, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_remote_code_is_never_run_without_trust_remote_code(tiny_model_dir, tmp_path, capsys):
+    """A model directory that ships its own code: refused unless the config trusts it."""
+    model = tmp_path / "custom-model"
+    shutil.copytree(tiny_model_dir, model)
+    marker = tmp_path / "code-was-run"
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="factmem-custom",
+                  auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                            "AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    (model / "config.json").write_text(json.dumps(config))
+    for name in ("configuration_custom.py", "modeling_custom.py"):
+        (model / name).write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    cfg = write_config(model, tmp_path)
+    assert main(["run", str(cfg), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("factmem: error: model ") and err.count("\n") == 1, err
+    assert "trust_remote_code" in err, err
+    assert not marker.exists() and not (tmp_path / "runs").exists()
