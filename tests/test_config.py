@@ -7,7 +7,8 @@ import pytest
 from factmem.config import experiment_from_dict, load_experiment, to_dict
 from factmem.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")
+                 if "accelerate" not in p.parts)  # launcher configs: test_scale.py
 
 
 def base(**extra):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from factmem.errors import FactmemError
@@ -23,10 +24,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     summary = run_experiment(exp, output_dir=args.output, overwrite=args.overwrite,
                              progress=not args.no_progress)
+    if not is_main_process():  # under `accelerate launch` every process gets here; one prints
+        return 0
     print()
     print(to_markdown(summary))
     print(f"Results: {summary['run_dir']}/summary.md (and summary.json)")
     return 0
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launched job (`accelerate launch`/torchrun set RANK), or a lone process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _cmd_data_build(args: argparse.Namespace) -> int:

@@ -1,0 +1,54 @@
+"""The benchmark scripts run end to end at tiny sizes and write their RESULTS.md sections."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    return lambda name: importlib.import_module(name)
+
+
+def test_results_sections_are_replaced_in_place(bench, tmp_path):
+    common = bench("common")
+    path = tmp_path / "R.md"
+    common.write_section("a", "first", path)
+    common.write_section("b", "second", path)
+    common.write_section("a", "third", path)
+    text = path.read_text()
+    assert "first" not in text and text.index("third") < text.index("second")
+    assert "cores" in common.machine_markdown(common.machine())
+
+
+def test_bench_eval_tiny(bench, tiny_model_dir, tmp_path):
+    r = bench("bench_eval").main(["--model", str(tiny_model_dir), "--n", "12",
+                                  "--max-new-tokens", "8", "--results", str(tmp_path / "R.md")])
+    assert r["n"] == 12 and r["agree"] + len(r["disagreements"]) == 12
+    text = (tmp_path / "R.md").read_text()
+    assert "| fast (teacher-forced) | 12 |" in text and "load average" in text
+
+
+def test_bench_flops_tiny(bench, tiny_model_dir, tmp_path):
+    r = bench("bench_flops").main(["--model", str(tiny_model_dir), "--steps", "2",
+                                   "--batch-size", "2", "--matmul-size", "256",
+                                   "--results", str(tmp_path / "R.md")])
+    assert r["tokens"] > 0 and 0 < r["achieved"] and r["peak"] > 0
+    assert r["body"] < r["params"]  # tied embeddings counted once, not in the body
+    assert "fraction of peak" in (tmp_path / "R.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_train_tiny(bench, tiny_model_dir, tmp_path):
+    res = bench("bench_train").main(["--model", str(tiny_model_dir), "--steps", "2",
+                                     "--batch-size", "2", "--results", str(tmp_path / "R.md")])
+    assert res["factmem"]["tokens"] == res["trainer"]["tokens"] > 0
+    assert res["factmem"]["steps"] == res["trainer"]["steps"] == 2
+    assert "transformers.Trainer" in (tmp_path / "R.md").read_text()

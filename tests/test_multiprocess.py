@@ -1,0 +1,98 @@
+"""Multi-process runs: `accelerate launch --num_processes 2 --cpu -m factmem run` (gloo) gives
+the same accuracy matrix and training log as one process; only the main process writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from factmem.cli import main
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def mp_config(model_dir: Path, tmp: Path, epochs: int = 30) -> Path:
+    # 4 one-character facts, batch 2: each of 2 processes gets one item per step. Settings
+    # chosen so that the matrix is not all zeros (stage 1 learns some of `a`, stage 2 forgets).
+    kv = {"source": "kvr", "n": 4, "key_length": 4, "value_length": 1}
+    cfg = {
+        "name": "mp",
+        "model": {"name": str(model_dir)},
+        "train": {"lr": 3e-3, "batch_size": 2, "warmup_fraction": 0.0,
+                  "stop": {"rule": "epochs", "epochs": epochs}},
+        "sets": {"a": kv, "b": {**kv, "offset": 100}},
+        "stages": [{"name": "s1", "set": "a"}, {"name": "s2", "set": "b"}],
+        "track": ["a", "b"],
+        "variants": {"naive": {}},
+        "seeds": [0],
+    }
+    path = tmp / "mp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def launch(config: Path, out: Path, processes: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
+           "-m", "factmem", "run", str(config), "--no-progress", "--output", str(out)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tiny_model_dir, tmp_path, capsys):
+    cfg = mp_config(tiny_model_dir, tmp_path)
+    assert main(["run", str(cfg), "--no-progress", "--output", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    proc = launch(cfg, tmp_path / "two", 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("| naive |") == 1  # the table is printed by the main process only
+    one, two = tmp_path / "one" / "mp", tmp_path / "two" / "mp"
+    assert files(one) == files(two)
+    acc1 = json.loads((one / "naive/seed0/accuracy.json").read_text())
+    acc2 = json.loads((two / "naive/seed0/accuracy.json").read_text())
+    assert acc1["accuracy"] == acc2["accuracy"]
+    assert any(v > 0 for row in acc1["accuracy"].values() for v in row.values())  # not trivial
+    for stage in ["01-s1", "02-s2"]:
+        log1 = [json.loads(x) for x in (one / "naive/seed0" / stage / "train_log.jsonl")
+                .read_text().splitlines()]
+        log2 = [json.loads(x) for x in (two / "naive/seed0" / stage / "train_log.jsonl")
+                .read_text().splitlines()]
+        assert len(log1) == len(log2) == 60
+        # losses are reduced across ranks: the global mean, as one process computes it
+        for r1, r2 in zip(log1, log2):
+            assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-4, abs=1e-6)
+            assert r2["tok_acc"] == r1["tok_acc"]
+        m1 = json.loads((one / "naive/seed0" / stage / "metrics.json").read_text())
+        m2 = json.loads((two / "naive/seed0" / stage / "metrics.json").read_text())
+        assert m1["train"]["tokens"] == m2["train"]["tokens"]
+        for name in m1["eval"]:
+            assert m1["eval"][name] == pytest.approx(m2["eval"][name], rel=1e-4)
+
+
+def test_only_the_main_process_writes(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A process that is not the main one runs everything but writes and prints nothing."""
+    import accelerate
+
+    class NotMain(accelerate.Accelerator):
+        @property
+        def is_main_process(self) -> bool:
+            return False
+
+    monkeypatch.setattr(accelerate, "Accelerator", NotMain)
+    monkeypatch.setattr("factmem.cli.is_main_process", lambda: False)
+    cfg = mp_config(tiny_model_dir, tmp_path, epochs=1)
+    assert main(["run", str(cfg), "--no-progress", "--output", str(tmp_path / "runs")]) == 0
+    assert not (tmp_path / "runs").exists()
+    assert "| naive |" not in capsys.readouterr().out

@@ -1,0 +1,48 @@
+"""Scale-out configs: the accelerate launcher configs parse with accelerate's own loader and
+wrap layers by the model's `_no_split_modules` (no per-model class names); the paper-scale
+experiment config validates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+
+
+def test_launcher_configs_exist():
+    assert {p.name for p in LAUNCH} >= {"fsdp-8gpu.yaml", "fsdp-multinode.yaml", "cpu-2proc.yaml"}
+
+
+@pytest.mark.parametrize("path", LAUNCH, ids=lambda p: p.name)
+def test_launcher_config_parses(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    raw = yaml.safe_load(path.read_text())
+    assert cfg.num_processes == raw["num_processes"]
+    if raw["distributed_type"] == "FSDP":
+        fsdp = cfg.fsdp_config
+        assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        # no class list: accelerate then wraps the model's own `_no_split_modules`
+        assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp
+        assert raw["mixed_precision"] == "no"  # bf16 weights already (model.dtype auto)
+
+
+def test_no_split_modules_name_the_decoder_layer(tiny_model_dir):
+    """What TRANSFORMER_BASED_WRAP will wrap for a Llama-family model."""
+    from factmem.config import ModelConfig
+    from factmem.models import load_model
+
+    model = load_model(ModelConfig(name=str(tiny_model_dir)))
+    names = {type(m).__name__ for m in model.modules()}
+    assert model._no_split_modules and set(model._no_split_modules) <= names
+
+
+def test_paper_scale_config_validates():
+    from factmem.cli import main
+
+    assert main(["run", str(ROOT / "configs" / "llama3-8b-kvr.yaml"), "--dry-run"]) == 0
