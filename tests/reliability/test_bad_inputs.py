@@ -45,7 +45,8 @@ CASES = {
     "unknown key": (
         lambda t, c, m: ["--set", "trian.lr=1"], "trian: unknown key; did you mean 'train'?"),
     "unknown nested key": (
-        lambda t, c, m: ["--set", "train.stop.epoch=3"], "train.stop.epoch: unknown key; did you mean 'epochs'?"),
+        lambda t, c, m: ["--set", "train.stop.epoch=3"],
+        "train.stop.epoch: unknown key; did you mean 'epochs'?"),
     "wrong type": (
         lambda t, c, m: ["--set", "train.batch_size=eight"],
         "train.batch_size: expected an integer, got 'eight'"),
@@ -75,8 +76,8 @@ CASES = {
             t, (ROW % ("a", "q1")).encode() + b'{"question": "caf\xe9", "answer": "x"}\n')],
         "qa.jsonl:2: not UTF-8"),
     "duplicate ids": (
-        lambda t, c, m: ["--set", "sets.kvr_a={source: jsonl, path: %s, id_field: id}" % data_file(
-            t, ROW % ("q1", "a") + ROW % ("q2", "b") + ROW % ("q1", "c"))],
+        lambda t, c, m: ["--set", "sets.kvr_a={source: jsonl, path: %s, id_field: id}"
+                         % data_file(t, ROW % ("q1", "a") + ROW % ("q2", "b") + ROW % ("q1", "c"))],
         "sets.kvr_a: source 'jsonl' produced duplicate id 'jsonl:q1'"),
     "empty data file": (
         lambda t, c, m: ["--set", "sets.kvr_a={source: jsonl, path: %s}" % data_file(t, "\n")],
@@ -86,17 +87,20 @@ CASES = {
         lambda t, c, m: ["--set", "model.max_length=16"], "longer than model.max_length = 16"),
     "item longer than the model's context": (
         lambda t, c, m: ["--set", "model.max_length=4096", "--set",
-                         "sets.kvr_a={source: jsonl, path: %s}" % data_file(t, ROW % ("a", "q" * 600))],
+                         "sets.kvr_a={source: jsonl, path: %s}"
+                         % data_file(t, ROW % ("a", "q" * 600))],
         "tokens, longer than the model's context (512 positions"),
     "run name escaping upwards": (
-        lambda t, c, m: ["--set", "name=../escaped"], "name: '../escaped' is not a plain directory name"),
+        lambda t, c, m: ["--set", "name=../escaped"],
+        "name: '../escaped' is not a plain directory name"),
     "absolute run name": (
         lambda t, c, m: ["--set", "name=/tmp/escaped"], "name: '/tmp/escaped' is not a plain"),
     "checkpoint_every zero": (
         lambda t, c, m: ["--set", "output.checkpoint_every=0"],
         "output.checkpoint_every: must be >= 1 or null, got 0"),
     "missing model": (
-        lambda t, c, m: ["--set", "model.name=/nonexistent/model"], "model '/nonexistent/model' not found"),
+        lambda t, c, m: ["--set", "model.name=/nonexistent/model"],
+        "model '/nonexistent/model' not found"),
 }
 
 
