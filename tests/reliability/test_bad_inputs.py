@@ -55,7 +55,10 @@ CASES = {
         "stages.1.mix.0.ratio: must be >= 0, got -2"),
     "lr zero": (lambda t, c, m: ["--set", "train.lr=0"], "train.lr: must be > 0, got 0"),
     "lr negative": (lambda t, c, m: ["--set", "train.lr=-1e-5"], "train.lr: must be > 0"),
-    "zero batch": (lambda t, c, m: ["--set", "train.batch_size=0"], "must be >= 1"),
+    "zero batch": (lambda t, c, m: ["--set", "train.batch_size=0"],
+                   "train.batch_size: must be >= 1, got 0"),
+    "zero batch in one stage": (lambda t, c, m: ["--set", "stages.stage2.train.batch_size=0"],
+                                "stages.1.train.batch_size: must be >= 1, got 0"),
     "unknown source": (
         lambda t, c, m: ["--set", "sets.kvr_a.source=kvrr"],
         "sets.kvr_a.source: unknown source 'kvrr' (did you mean 'kvr'?); valid sources:"),
