@@ -74,7 +74,7 @@ def test_resolved_config_round_trips():
     (lambda r: r.update(trian={}), r"trian: unknown key; did you mean 'train'"),
     (lambda r: r.update(train={"lr": "fast"}), r"train.lr: expected a number, got 'fast'"),
     (lambda r: r.update(train={"lr": -1}), r"train.lr.*must be > 0"),
-    (lambda r: r.update(train={"batch_size": 0}), r"batch_size and grad_accum: must be >= 1"),
+    (lambda r: r.update(train={"batch_size": 0}), r"train.batch_size: must be >= 1, got 0"),
     (lambda r: r.update(train={"stop": {"rule": "forever"}}), r"train.stop.rule: 'forever' is not one of"),
     (lambda r: r["stages"][1].update(mix=[{"source": "random-words", "ratio": -1}]),
      r"stages.1.mix.0.ratio: must be >= 0, got -1"),

@@ -102,8 +102,10 @@ class TrainConfig:
             raise ValueError(f"warmup_fraction: must be in [0, 1), got {self.warmup_fraction}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError("grad_clip: must be > 0 or null")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("batch_size and grad_accum: must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum: must be >= 1, got {self.grad_accum}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum "
                              f"({self.grad_accum})")

@@ -346,7 +346,8 @@ class FiniteGuard(StageCallback):
                   "batch_ids": ctx.batch_ids, "last_good_step": ctx.step}
         path = self.checkpointer.save(ctx, {"nonfinite": record})
         if self.checkpointer.write:
-            io.write_json(self.checkpointer.dir / "nonfinite.json", {**record, "checkpoint": str(path)})
+            io.write_json(self.checkpointer.dir / "nonfinite.json",
+                          {**record, "checkpoint": str(path)})
         raise NumericalError(self._message(ctx.step + 1, ctx.epoch, ctx.position + 1,
                                            ctx.batch_ids, f"the state before that step is saved "
                                            f"in {path}"))

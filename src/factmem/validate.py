@@ -20,8 +20,9 @@ def check_set(name: str, examples: list[Example]) -> None:
     for i, ex in enumerate(examples):
         if ex.id in seen:
             first = examples[seen[ex.id]]
-            where = (f"lines {first.meta['line']} and {ex.meta['line']}"
-                     if "line" in first.meta and "line" in ex.meta else f"items {seen[ex.id]} and {i}")
+            lines = "line" in first.meta and "line" in ex.meta
+            where = (f"lines {first.meta['line']} and {ex.meta['line']}" if lines
+                     else f"items {seen[ex.id]} and {i}")
             raise DataError(f"sets.{name}: duplicate id {ex.id!r} ({where}); ids must be unique "
                             "within a set")
         seen[ex.id] = i

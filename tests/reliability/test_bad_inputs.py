@@ -45,7 +45,8 @@ CASES = {
     "unknown key": (
         lambda t, c, m: ["--set", "trian.lr=1"], "trian: unknown key; did you mean 'train'?"),
     "unknown nested key": (
-        lambda t, c, m: ["--set", "train.stop.epoch=3"], "train.stop.epoch: unknown key; did you mean 'epochs'?"),
+        lambda t, c, m: ["--set", "train.stop.epoch=3"],
+        "train.stop.epoch: unknown key; did you mean 'epochs'?"),
     "wrong type": (
         lambda t, c, m: ["--set", "train.batch_size=eight"],
         "train.batch_size: expected an integer, got 'eight'"),
@@ -54,7 +55,10 @@ CASES = {
         "stages.1.mix.0.ratio: must be >= 0, got -2"),
     "lr zero": (lambda t, c, m: ["--set", "train.lr=0"], "train.lr: must be > 0, got 0"),
     "lr negative": (lambda t, c, m: ["--set", "train.lr=-1e-5"], "train.lr: must be > 0"),
-    "zero batch": (lambda t, c, m: ["--set", "train.batch_size=0"], "must be >= 1"),
+    "zero batch": (lambda t, c, m: ["--set", "train.batch_size=0"],
+                   "train.batch_size: must be >= 1, got 0"),
+    "zero batch in one stage": (lambda t, c, m: ["--set", "stages.stage2.train.batch_size=0"],
+                                "stages.1.train.batch_size: must be >= 1, got 0"),
     "unknown source": (
         lambda t, c, m: ["--set", "sets.kvr_a.source=kvrr"],
         "sets.kvr_a.source: unknown source 'kvrr' (did you mean 'kvr'?); valid sources:"),
@@ -75,8 +79,8 @@ CASES = {
             t, (ROW % ("a", "q1")).encode() + b'{"question": "caf\xe9", "answer": "x"}\n')],
         "qa.jsonl:2: not UTF-8"),
     "duplicate ids": (
-        lambda t, c, m: ["--set", "sets.kvr_a={source: jsonl, path: %s, id_field: id}" % data_file(
-            t, ROW % ("q1", "a") + ROW % ("q2", "b") + ROW % ("q1", "c"))],
+        lambda t, c, m: ["--set", "sets.kvr_a={source: jsonl, path: %s, id_field: id}"
+                         % data_file(t, ROW % ("q1", "a") + ROW % ("q2", "b") + ROW % ("q1", "c"))],
         "sets.kvr_a: source 'jsonl' produced duplicate id 'jsonl:q1'"),
     "empty data file": (
         lambda t, c, m: ["--set", "sets.kvr_a={source: jsonl, path: %s}" % data_file(t, "\n")],
@@ -86,17 +90,20 @@ CASES = {
         lambda t, c, m: ["--set", "model.max_length=16"], "longer than model.max_length = 16"),
     "item longer than the model's context": (
         lambda t, c, m: ["--set", "model.max_length=4096", "--set",
-                         "sets.kvr_a={source: jsonl, path: %s}" % data_file(t, ROW % ("a", "q" * 600))],
+                         "sets.kvr_a={source: jsonl, path: %s}"
+                         % data_file(t, ROW % ("a", "q" * 600))],
         "tokens, longer than the model's context (512 positions"),
     "run name escaping upwards": (
-        lambda t, c, m: ["--set", "name=../escaped"], "name: '../escaped' is not a plain directory name"),
+        lambda t, c, m: ["--set", "name=../escaped"],
+        "name: '../escaped' is not a plain directory name"),
     "absolute run name": (
         lambda t, c, m: ["--set", "name=/tmp/escaped"], "name: '/tmp/escaped' is not a plain"),
     "checkpoint_every zero": (
         lambda t, c, m: ["--set", "output.checkpoint_every=0"],
         "output.checkpoint_every: must be >= 1 or null, got 0"),
     "missing model": (
-        lambda t, c, m: ["--set", "model.name=/nonexistent/model"], "model '/nonexistent/model' not found"),
+        lambda t, c, m: ["--set", "model.name=/nonexistent/model"],
+        "model '/nonexistent/model' not found"),
 }
 
 
