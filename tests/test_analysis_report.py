@@ -94,3 +94,11 @@ def test_bad_input_exits_2(analyzed, tmp_path, capsys):
     assert "unknown analysis 'bogus'" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_analyze_one_variant_keeps_the_others(analyzed):
+    path = analyzed / "analysis" / "lens_facts.jsonl"
+    before = sorted(map(json.dumps, rows(path)))
+    assert main(["analyze", str(analyzed), "--what", "lens", "--variant", "remix"]) == 0
+    assert sorted(map(json.dumps, rows(path))) == before  # same rows, redone for remix
+    assert main(["analyze", str(analyzed), "--variant", "nope"]) == 2
