@@ -101,4 +101,6 @@ def test_analyze_one_variant_keeps_the_others(analyzed):
     before = sorted(map(json.dumps, rows(path)))
     assert main(["analyze", str(analyzed), "--what", "lens", "--variant", "remix"]) == 0
     assert sorted(map(json.dumps, rows(path))) == before  # same rows, redone for remix
+    summary = json.loads((analyzed / "analysis" / "summary.json").read_text())
+    assert {"lens", "probes", "reversion"} <= set(summary)  # others' aggregates kept
     assert main(["analyze", str(analyzed), "--variant", "nope"]) == 2

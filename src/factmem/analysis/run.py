@@ -116,7 +116,10 @@ def analyze(run_dir: str | Path, what: Sequence[str] = WHAT, block: int = 1,
     for w in what:
         for table in names.get(w, (w,)):
             io.write_jsonl(out / f"{table}.jsonl", tables.get(table, []))
-    summary = summarize_tables(tables, what)
+    old_path = out / "summary.json"
+    # aggregates of instruments not run this time stay as they were
+    summary = json.loads(old_path.read_text()) if old_path.is_file() else {}
+    summary.update(summarize_tables(tables, what))
     summary["notes"] = notes
     summary["block"] = block
     io.write_json(out / "summary.json", summary)
