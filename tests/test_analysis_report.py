@@ -13,7 +13,7 @@ import pytest
 from factmem.cli import main
 from test_cli import tiny_config
 
-pytestmark = pytest.mark.slow  # two tiny runs + every instrument: ~30 s on an idle 2-core box
+pytestmark = pytest.mark.slow  # a tiny 2-variant run + every instrument: ~80 s on a busy 2-core box
 
 
 @pytest.fixture(scope="module")
