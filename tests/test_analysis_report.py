@@ -13,7 +13,7 @@ import pytest
 from factmem.cli import main
 from test_cli import tiny_config
 
-pytestmark = pytest.mark.slow  # two tiny runs + every instrument: ~30 s on an idle 2-core box
+pytestmark = pytest.mark.slow  # a tiny 2-variant run + every instrument: ~80 s on a busy 2-core box
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,13 @@ def test_bad_input_exits_2(analyzed, tmp_path, capsys):
     assert "unknown analysis 'bogus'" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_analyze_one_variant_keeps_the_others(analyzed):
+    path = analyzed / "analysis" / "lens_facts.jsonl"
+    before = sorted(map(json.dumps, rows(path)))
+    assert main(["analyze", str(analyzed), "--what", "lens", "--variant", "remix"]) == 0
+    assert sorted(map(json.dumps, rows(path))) == before  # same rows, redone for remix
+    summary = json.loads((analyzed / "analysis" / "summary.json").read_text())
+    assert {"lens", "probes", "reversion"} <= set(summary)  # others' aggregates kept
+    assert main(["analyze", str(analyzed), "--variant", "nope"]) == 2

@@ -95,7 +95,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from factmem.analysis.run import analyze, parse_what
 
     summary = analyze(args.run_dir, parse_what(args.what), block=args.block,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, variants=args.variant)
     for row in summary.get("lens", []):
         print(f"lens {row['variant']} seed{row['seed']} {row['stage']} {row['set']}: "
               f"{row['decodable']}/{row['n']} decodable, first layer mean {row['mean']}, "
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated: retention,graded,lens,reversion,probes (default all)")
     an.add_argument("--block", type=int, default=1, help="layers reverted together (default 1)")
     an.add_argument("--batch-size", type=int, help="evaluation batch (default: eval.batch_size)")
+    an.add_argument("--variant", action="append", default=[], metavar="NAME",
+                    help="analyze only this variant (repeatable); other variants' rows are kept")
     an.set_defaults(fn=_cmd_analyze)
 
     rep = sub.add_parser("report", help="report.md and a self-contained report.html with figures")

@@ -8,7 +8,8 @@ Run directory (output.dir/name):
         accuracy.json           accuracy matrix A[stage][set], graded figures, forgetting
         00-base/                tracked sets evaluated before any training
         01-STAGE/               manifest.json (mixture ids), train_log.jsonl, metrics.json,
-                                predictions/SET.jsonl, checkpoint/ (if output.save_checkpoints)
+                                predictions/SET.jsonl, checkpoint/ (if output.save_checkpoints),
+                                retention.jsonl (if eval.retention_every)
 Everything is checked (config, data, tokenisation, model) before the directory is created.
 """
 

@@ -65,8 +65,9 @@ def load_data(run_dir: str | Path) -> RunData:
     for vname, cfg in exp.variants.items():
         for seed in cfg.seeds:
             sd = RunPaths(root).seed_dir(vname, seed)
-            if (sd / "accuracy.json").is_file():
-                accuracy.setdefault(vname, {})[seed] = json.loads((sd / "accuracy.json").read_text())
+            record = stage_record(cfg, sd)
+            if record["stages"]:
+                accuracy.setdefault(vname, {})[seed] = record
             if not (root / "analysis" / "retention.jsonl").is_file():  # read straight from the run
                 tables["retention"] += collect_retention(stage_dirs(cfg, sd), {"variant": vname,
                                                                                 "seed": seed})
@@ -74,7 +75,7 @@ def load_data(run_dir: str | Path) -> RunData:
                 tables["graded"] += collect_graded(cfg, stage_dirs(cfg, sd), {"variant": vname,
                                                                               "seed": seed})
     if not accuracy:
-        raise FactmemError(f"{root}: no finished variant (no accuracy.json); nothing to report")
+        raise FactmemError(f"{root}: no stage has finished (no metrics.json); nothing to report")
     for name in ("retention", "graded", "lens_layers", "lens_facts", "reversion", "probes"):
         path = root / "analysis" / f"{name}.jsonl"
         if path.is_file():
@@ -85,6 +86,21 @@ def load_data(run_dir: str | Path) -> RunData:
     return RunData(root, exp, base.model.name, list(accuracy), seeds,
                    ["base", *[s.name for s in base.stages]], list(base.track),
                    {s.name: s.set for s in base.stages}, accuracy, dict(tables), summary)
+
+
+def stage_record(cfg, seed_dir: Path) -> dict[str, Any]:
+    """The accuracy record (as in accuracy.json) from the stages' own metrics.json, so a run that
+    is still going, or was stopped, reports the stages it finished."""
+    record: dict[str, Any] = {"stages": [], "accuracy": {}, "token_acc": {}, "logprob": {}}
+    for stage, _, d in stage_dirs(cfg, seed_dir):
+        path = d / "metrics.json"
+        if not path.is_file():
+            break
+        row = json.loads(path.read_text())["eval"]
+        record["stages"].append(stage)
+        for metric in ("accuracy", "token_acc", "logprob"):
+            record[metric][stage] = {s: m[metric] for s, m in row.items()}
+    return record
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,6 +125,11 @@ def _save(fig, data: RunData, path: Path) -> Path:
     return path
 
 
+def _stages(records) -> list[str]:
+    """Stages every seed's record has (a stopped run may lack the last ones)."""
+    return [st for st in records[0]["stages"] if all(st in r["accuracy"] for r in records)]
+
+
 def _mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
@@ -121,7 +142,7 @@ def fig_accuracy(data: RunData, out: Path) -> Path:
                              squeeze=False)
     for ax, v in zip(axes[0], data.variants):
         recs = list(data.accuracy[v].values())
-        stages = recs[0]["stages"]
+        stages = _stages(recs)
         grid = [[_mean(r["accuracy"][st][s] for r in recs) for s in data.sets] for st in stages]
         ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         for i, row in enumerate(grid):
@@ -192,7 +213,7 @@ def fig_graded(data: RunData, out: Path) -> Path:
             ax = axes[i, j]
             for k, v in enumerate(data.variants):
                 recs = list(data.accuracy[v].values())
-                stages = recs[0]["stages"]
+                stages = _stages(recs)
                 ax.plot(range(len(stages)), [_mean(r[metric][st][s] for r in recs) for st in stages],
                         "-o", color=f"C{k}", label=v)
                 ax.set_xticks(range(len(stages)), stages, fontsize=8)
@@ -344,11 +365,14 @@ def sections(data: RunData, figdir: Path) -> list[Section]:
     acc_rows = []
     for v in data.variants:
         recs = list(data.accuracy[v].values())
-        for st in recs[0]["stages"]:
+        for st in _stages(recs):
             acc_rows.append([v, st, *[_pct(_mean(r["accuracy"][st][s] for r in recs))
                                       for s in data.sets]])
+    partial = [v for v in data.variants
+               if len(_stages(list(data.accuracy[v].values()))) < len(data.stages)]
     out.append(Section("Accuracy matrix", "Exact match (%) on each tracked set after each stage, "
-                       "mean over seeds.", ["variant", "after", *data.sets], acc_rows,
+                       "mean over seeds." + (f" Not finished (stages shown are those done): "
+                                             f"{', '.join(partial)}." if partial else ""), ["variant", "after", *data.sets], acc_rows,
                        fig_accuracy(data, figdir)))
     out.append(Section("Retention curves", "Tracked sets evaluated every "
                        "`eval.retention_every` optimizer steps (solid: exact match, dashed: "
@@ -358,7 +382,7 @@ def sections(data: RunData, figdir: Path) -> list[Section]:
     g_rows = []
     for v in data.variants:
         recs = list(data.accuracy[v].values())
-        for st in recs[0]["stages"]:
+        for st in _stages(recs):
             g_rows.append([v, st, *[f"{_mean(r['token_acc'][st][s] for r in recs):.3f} / "
                                     f"{_mean(r['logprob'][st][s] for r in recs):.2f}"
                                     for s in data.sets]])

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 WHAT = ("retention", "graded", "lens", "reversion", "probes")
 MODEL_BASED = ("lens", "reversion", "probes")
 BASE_DIR = "00-base"
+TABLES = ("retention", "graded", "lens_layers", "lens_facts", "reversion", "probes")
 
 
 def parse_what(text: str | None) -> list[str]:
@@ -70,17 +71,31 @@ def load_run(run_dir: str | Path):
 
 
 def analyze(run_dir: str | Path, what: Sequence[str] = WHAT, block: int = 1,
-            batch_size: int | None = None) -> dict[str, Any]:
-    """Run the instruments in `what`, write the tables, return summary.json's content."""
+            batch_size: int | None = None, variants: Sequence[str] = ()) -> dict[str, Any]:
+    """Run the instruments in `what`, write the tables, return summary.json's content.
+
+    `variants` limits the work to those variants; rows of other variants already in the tables
+    are kept (analyze variants as they finish, or redo one)."""
     from factmem.experiment import RunPaths, SetCache
 
     if block < 1:
         raise FactmemError("--block: must be >= 1")
     root, exp = load_run(run_dir)
+    unknown = [v for v in variants if v not in exp.variants]
+    if unknown:
+        raise FactmemError(f"--variant: {unknown[0]!r} is not a variant of this run "
+                           f"({', '.join(exp.variants)})")
     tables: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    if variants:
+        for table in TABLES:
+            path = root / "analysis" / f"{table}.jsonl"
+            if path.is_file():
+                tables[table] = [r for r in read_jsonl(path) if r["variant"] not in variants]
     notes: list[str] = []
     cache = SetCache()
     for vname, cfg in exp.variants.items():
+        if variants and vname not in variants:
+            continue
         sets = cache.sets(cfg)
         for seed in cfg.seeds:
             seed_dir = RunPaths(root).seed_dir(vname, seed)
@@ -101,7 +116,10 @@ def analyze(run_dir: str | Path, what: Sequence[str] = WHAT, block: int = 1,
     for w in what:
         for table in names.get(w, (w,)):
             io.write_jsonl(out / f"{table}.jsonl", tables.get(table, []))
-    summary = summarize_tables(tables, what)
+    old_path = out / "summary.json"
+    # aggregates of instruments not run this time stay as they were
+    summary = json.loads(old_path.read_text()) if old_path.is_file() else {}
+    summary.update(summarize_tables(tables, what))
     summary["notes"] = notes
     summary["block"] = block
     io.write_json(out / "summary.json", summary)
