@@ -192,6 +192,68 @@ class ReplayConfig:
 
 
 @dataclass
+class RegularizerConfig:
+    """A continual-learning penalty of a stage, anchored to the model as it enters the stage
+    (the previous stage's result)."""
+
+    kind: Literal["ewc", "l2", "kl"]
+    """ewc: weight x sum F (theta - theta*)^2 with F the diagonal Fisher over the previous
+    stage's factoids; l2: the same with F = 1; kl: distillation to the frozen previous model"""
+    weight: float = 1.0
+    """lambda: the penalty's weight against the answer loss"""
+    temperature: float = 1.0
+    """kl: softmax temperature of teacher and student (the KL is scaled by T^2)"""
+    on: Literal["stage", "mix"] = "stage"
+    """kl: distil on every item of the stage's batches (stage) or on its mixing items only (mix)"""
+    normalize: bool = False
+    """ewc: divide the Fisher by its mean, so `weight` is on the scale of the l2 weight"""
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"weight: must be >= 0, got {self.weight}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+
+
+@dataclass
+class LoraConfig:
+    """Train the stage through a LoRA adapter (PEFT) instead of the full weights."""
+
+    rank: int = 8
+    """adapter rank r"""
+    alpha: float = 16.0
+    """scaling numerator: the update is (alpha / r) B A"""
+    dropout: float = 0.0
+    """dropout on the adapter's input"""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj",
+                                                               "o_proj"])
+    """module names (suffixes) that get an adapter, e.g. q_proj, v_proj, up_proj"""
+    merge: bool = True
+    """merge the adapter into the weights after the stage; false keeps it as an adapter, which a
+    next stage with the same lora settings goes on training (a next stage without lora merges)"""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank: must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha: must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("target_modules: give at least one module name")
+
+
+@dataclass
+class FreezeConfig:
+    """Parameters kept fixed during a stage (trainable again in the next stage)."""
+
+    embeddings: bool = False
+    """freeze the input embeddings (and so a tied output layer)"""
+    layers: list[int] = field(default_factory=list)
+    """indices of decoder layers to freeze (0 = the first; negative counts from the last)"""
+
+
+@dataclass
 class StageConfig:
     name: str
     """stage name (used in the run directory and tables)"""
@@ -203,6 +265,15 @@ class StageConfig:
     """replay of earlier sets mixed into this stage"""
     train: TrainConfig = field(default_factory=TrainConfig)
     """this stage's training settings: the top-level `train` with this stage's overrides"""
+    regularizers: list[RegularizerConfig] = field(default_factory=list)
+    """continual-learning penalties (ewc, l2, kl) toward the model this stage starts from"""
+    lora: LoraConfig | None = None
+    """train this stage through a LoRA adapter (null: full fine-tuning)"""
+    freeze: FreezeConfig | None = None
+    """parameters kept fixed in this stage"""
+    joint: list[str] = field(default_factory=list)
+    """more sets trained in full together with `set` (joint training of all sets at once,
+    the upper-bound reference); memorization is checked on all of them"""
 
 
 @dataclass
@@ -438,7 +509,7 @@ def _parse_experiment(raw: dict[str, Any], path: str = "") -> ExperimentConfig:
     cfg = parse(ExperimentConfig, {**raw, "sets": {}, "stages": []}, path)
     cfg.sets, cfg.stages = sets, stages
     if not cfg.track:
-        cfg.track = list(dict.fromkeys(s.set for s in stages))
+        cfg.track = list(dict.fromkeys(x for s in stages for x in (s.set, *s.joint)))
     _check_references(cfg)
     _check_run_name(cfg.name)
     return cfg
@@ -479,6 +550,7 @@ def _check_references(cfg: ExperimentConfig) -> None:
                 raise _unknown_ref(f"{q}.stage", r.stage, seen_stages, "earlier stage")
             if r.set is not None and r.set not in cfg.sets:
                 raise _unknown_ref(f"{q}.set", r.set, names, "set")
+        _check_baselines(cfg, i)
         seen_stages.append(st.name)
     for j, t in enumerate(cfg.track):
         if t not in cfg.sets:
@@ -487,6 +559,25 @@ def _check_references(cfg: ExperimentConfig) -> None:
         raise _Invalid("seeds", "give at least one seed")
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise _Invalid("seeds", f"duplicate seeds in {cfg.seeds}")
+
+
+def _check_baselines(cfg: ExperimentConfig, i: int) -> None:
+    """Stage options of the continual-learning baselines that depend on other stages."""
+    st, p = cfg.stages[i], f"stages.{i}"
+    for j, name in enumerate(st.joint):
+        if name not in cfg.sets:
+            raise _unknown_ref(f"{p}.joint.{j}", name, list(cfg.sets), "set")
+    for j, r in enumerate(st.regularizers):
+        if r.kind == "ewc" and i == 0:
+            raise _Invalid(f"{p}.regularizers.{j}", "ewc needs an earlier stage (its Fisher is "
+                           "estimated on the previous stage's set)")
+        if r.kind == "kl" and r.on == "mix" and not st.mix:
+            raise _Invalid(f"{p}.regularizers.{j}.on", "`mix` needs mix components in this stage")
+    prev = cfg.stages[i - 1] if i > 0 else None
+    if prev is not None and prev.lora is not None and not prev.lora.merge and st.lora is not None:
+        if to_dict(st.lora) != to_dict(prev.lora):
+            raise _Invalid(f"{p}.lora", f"stage {prev.name!r} keeps its adapter (merge: false); "
+                           "a stage that goes on training it needs the same lora settings")
 
 
 def _check_amount(ratio: float | None, count: int | None, path: str) -> None:

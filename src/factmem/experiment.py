@@ -41,6 +41,8 @@ from factmem.resume import (FiniteGuard, RunLock, StageCheckpointer, check_resum
                             has_stage_weights, load_stage_weights, save_stage_weights)
 from factmem.results import summary_table, write_summary
 from factmem.train import train_stage
+from factmem.train.lora import begin_stage, end_stage, is_adapter_model
+from factmem.train.regularizers import build_regularizers
 from factmem.validate import check_context, check_set, model_context
 
 log = logging.getLogger(__name__)
@@ -255,15 +257,20 @@ def run_variant_seed(
         mixture = build_mixture(cfg, k, sets, seed)
         if main:
             io.write_json(stage_dir / "manifest.json", mixture.manifest())
-        check = [e for e in sets[stage.set] if e.kind == "factoid"] or None
+        trained = (stage.set, *stage.joint)
+        check = [e for n in trained for e in sets[n] if e.kind == "factoid"] or None
+        model, parts = begin_stage(model, stage, accelerator)  # LoRA, freezing
+        regularizers = build_regularizers(stage, previous_factoids(cfg, k, sets),
+                                          mixture.ids("mix"), stage_dir if main else None)
         ckpt = StageCheckpointer(stage_dir / "resume", cfg.output.checkpoint_every, write=main)
-        callbacks = [FiniteGuard(ckpt, f"{variant} seed{seed} {stage.name}"),
+        callbacks = [FiniteGuard(ckpt, f"{variant} seed{seed} {stage.name}"), *regularizers,
                      *retention_callbacks(cfg, tracked, stage_dir, stage.name, main), ckpt]
         result = train_stage(
             model, accelerator, fmt, mixture.examples(), stage.train, seed=seed,
             memorize_check=check, eval_cfg=cfg.eval,
             desc=f"{variant} seed{seed} {stage.name}", progress=progress, callbacks=callbacks,
         )
+        model = end_stage(model, parts, accelerator)
         evaluate_tracked(stage.name, stage_dir)
         if main:
             if cfg.output.save_checkpoints:
@@ -273,12 +280,13 @@ def run_variant_seed(
             io.write_jsonl(stage_dir / "train_log.jsonl", result.log)
             io.write_json(stage_dir / "metrics.json",
                           {"train": result.to_json(), "eval": matrix[stage.name],
-                           "seconds": round(result.seconds, 2)})
+                           "seconds": round(result.seconds, 2),
+                           **baseline_metrics(regularizers, parts.info)})
             ckpt.clear()
             if k > 0:  # only the last finished stage's weights are needed to continue
                 shutil.rmtree(stage_path(out, cfg, k - 1) / "resume", ignore_errors=True)
         log_stage(variant, seed, stage.name, result, matrix[stage.name])
-        if reuse:
+        if reuse and not is_adapter_model(accelerator.unwrap_model(model)):  # plain weights only
             reuse.offer(keys[k], accelerator.unwrap_model(model), matrix, out, k)
     if reuse:
         reuse.finished(keys)
@@ -316,6 +324,25 @@ def restore_finished(cfg: ExperimentConfig, out: Path, model, matrix: dict) -> i
         matrix[cfg.stages[k].name] = io.read_json(stage_path(out, cfg, k) / "metrics.json")["eval"]
     log.info("%s: stages 1-%d finished earlier; continuing from %s", out, last + 1, weights)
     return last
+
+
+def previous_factoids(cfg: ExperimentConfig, k: int, sets: dict[str, list[Example]]):
+    """The factoids the previous stage memorized (its set and joint sets): EWC's Fisher data."""
+    if k == 0:
+        return None
+    prev = cfg.stages[k - 1]
+    return [e for n in (prev.set, *prev.joint) for e in sets[n] if e.kind == "factoid"]
+
+
+def baseline_metrics(callbacks, parts_info: dict[str, Any]) -> dict[str, Any]:
+    """Regularizer reports (extra memory in bytes) and LoRA/freezing parameter counts."""
+    out: dict[str, Any] = {}
+    reports = [cb.report() for cb in callbacks if hasattr(cb, "report")]
+    if reports:
+        out["regularizers"] = reports
+    if parts_info:
+        out["parameters"] = parts_info
+    return out
 
 
 def stage_keys(cfg: ExperimentConfig, seed: int) -> list[str]:
@@ -385,8 +412,9 @@ class StageReuse:
 def accuracy_record(cfg: ExperimentConfig, matrix: dict[str, dict[str, dict[str, float]]]):
     own_stage = {}
     for st in cfg.stages:
-        if st.set in cfg.track:
-            own_stage[st.set] = st.name  # the last stage that trained the set
+        for s in (st.set, *st.joint):
+            if s in cfg.track:
+                own_stage[s] = st.name  # the last stage that trained the set
     acc = {st: {s: m["accuracy"] for s, m in row.items()} for st, row in matrix.items()}
     return {
         "stages": list(matrix),

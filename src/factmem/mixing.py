@@ -35,6 +35,9 @@ class Mixture:
     def examples(self) -> list[Example]:
         return [e for c in self.components for e in c.examples]
 
+    def ids(self, role: str) -> set[str]:
+        return {e.id for c in self.components if c.role == role for e in c.examples}
+
     def manifest(self) -> dict[str, Any]:
         return {
             "stage": self.stage,
@@ -76,6 +79,8 @@ def build_mixture(
     stage: StageConfig = cfg.stages[stage_index]
     main = sets[stage.set]
     components = [Component("main", stage.set, main, {"source": cfg.sets[stage.set].source})]
+    for name in stage.joint:  # joint training: other sets in full, beside the main set
+        components.append(Component("joint", name, sets[name], {"source": cfg.sets[name].source}))
     seed = mix_seed(run_seed, stage_index)
     for m in stage.mix:
         k = amount(m.ratio, m.count, len(main))

@@ -1,0 +1,253 @@
+"""Continual-learning regularizers as stage callbacks: EWC, L2 to the previous weights, and KL
+distillation to the frozen previous model (LwF).
+
+All three anchor to the model as it ENTERS the stage that uses them, which is the previous
+stage's result: the anchor weights, the Fisher and the teacher are taken in `on_stage_start`.
+That keeps the previous stage itself free of regularizer settings, so variants that differ only
+in a later stage's regularizer still share (and train once) their first stages.
+
+Penalties act on the parameters that train in the stage (`requires_grad`), so with LoRA or
+layer freezing they cover the adapter or the unfrozen layers only.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from factmem.config import RegularizerConfig, StageConfig
+from factmem.data import Example
+from factmem.evaluate import answer_logits, pad_batch
+from factmem.models import Encoded, Formatter
+from factmem.train.loop import StageCallback, StageContext, batch_loss
+
+log = logging.getLogger(__name__)
+
+FISHER_FILE = "fisher.safetensors"
+
+
+# --------------------------------------------------------------------------------------------
+# The method: small pure functions
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    """name -> parameter, for the parameters that train (tied weights appear once)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def quadratic_penalty(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
+                      fisher: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """sum_i F_i (theta_i - theta*_i)^2 over all named tensors; F = 1 when `fisher` is None
+    (L2 to the anchor). Differentiable in `params`."""
+    total = None
+    for name, p in params.items():
+        d2 = (p - anchor[name]).pow(2)
+        term = (d2 * fisher[name]).sum() if fisher is not None else d2.sum()
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("no parameters to regularize (every parameter is frozen)")
+    return total
+
+
+def diagonal_fisher(model, fmt: Formatter, examples: list[Example]) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher: the MEAN over examples of the SQUARED per-example gradient of
+    the example's answer log-likelihood (summed over its answer tokens), one example at a time.
+    Not the square of the mean gradient, which vanishes where examples pull different ways.
+
+    Shapes: one float32 tensor per trainable parameter, same shape as the parameter."""
+    if not examples:
+        raise ValueError("the Fisher needs at least one example")
+    params = trainable(model)
+    names, tensors = list(params), list(params.values())
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    device = tensors[0].device
+    pad_id = fmt.tok.pad_token_id
+    was_training = model.training
+    model.eval()  # no dropout: the gradient of the model as it is
+    try:
+        for ex in examples:
+            nll, _, _ = batch_loss(model, [fmt.encode(ex)], pad_id, device)
+            grads = torch.autograd.grad(nll, tensors, allow_unused=True)
+            for n, g in zip(names, grads):
+                if g is not None:
+                    fisher[n] += g.detach().float().pow(2)
+    finally:
+        model.train(was_training)
+    for n in names:
+        fisher[n] /= len(examples)
+    return fisher
+
+
+def normalize_fisher(fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Divide by the mean over all entries: mean 1, so an EWC weight reads like an L2 weight."""
+    total = sum(float(f.sum()) for f in fisher.values())
+    count = sum(f.numel() for f in fisher.values())
+    mean = total / count
+    if mean <= 0:
+        raise ValueError("the Fisher is zero everywhere (the model fits its set exactly); "
+                         "cannot normalize it")
+    return {n: f / mean for n, f in fisher.items()}
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """T^2 x mean over positions of KL(teacher_T || student_T), softmax at temperature T.
+
+    Shapes: logits [n_positions, vocab] -> scalar. Zero when student equals teacher."""
+    t = temperature
+    s_logp = F.log_softmax(student_logits.float() / t, dim=-1)
+    t_logp = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") * t * t
+
+
+def answer_position_logits(model, items: list[Encoded], pad_id: int, device) -> torch.Tensor:
+    """Logits at the positions that predict answer tokens, [n_answer_tokens, vocab]."""
+    ids, mask, labels = pad_batch(items, pad_id)
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+    first = min(e.prompt_len for e in items) - 1
+    logits, positions = answer_logits(model, ids, mask, first)
+    keep = labels[:, positions + 1] != -100
+    return logits[keep]
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# --------------------------------------------------------------------------------------------
+# Callbacks
+
+
+class WeightAnchor(StageCallback):
+    """EWC (`fisher_examples` given) or L2 (F = 1): weight x sum F (theta - theta*)^2 added to
+    every optimizer step's loss, theta* = the weights entering the stage."""
+
+    def __init__(self, cfg: RegularizerConfig, fisher_examples: list[Example] | None = None,
+                 out_dir: Path | None = None):
+        if cfg.kind == "ewc" and not fisher_examples:
+            raise ValueError("ewc needs the previous stage's factoids for its Fisher")
+        self.cfg = cfg
+        self.fisher_examples = fisher_examples
+        self.out_dir = out_dir  # where the Fisher is saved (None: not saved)
+        self.anchor: dict[str, torch.Tensor] = {}
+        self.fisher: dict[str, torch.Tensor] | None = None
+        self.last = 0.0
+        self.info: dict[str, Any] = {"kind": cfg.kind, "weight": cfg.weight}
+
+    def on_stage_start(self, ctx: StageContext) -> None:
+        model = ctx.accelerator.unwrap_model(ctx.model)
+        params = trainable(model)
+        self.anchor = {n: p.detach().clone() for n, p in params.items()}
+        extra = tensor_bytes(self.anchor.values())
+        if self.cfg.kind == "ewc":
+            self.fisher = diagonal_fisher(model, ctx.fmt, self.fisher_examples or [])
+            raw_mean = sum(float(f.sum()) for f in self.fisher.values()) / sum(
+                f.numel() for f in self.fisher.values())
+            self.info.update(fisher_examples=len(self.fisher_examples or []),
+                             fisher_mean=raw_mean, normalized=self.cfg.normalize)
+            if self.cfg.normalize:
+                self.fisher = normalize_fisher(self.fisher)
+            self.fisher = {n: f.to(self.anchor[n].dtype) for n, f in self.fisher.items()}
+            extra += tensor_bytes(self.fisher.values())
+            if self.out_dir is not None and ctx.accelerator.is_main_process:
+                self._save_fisher(self.out_dir / FISHER_FILE)
+                self.info["fisher_file"] = FISHER_FILE
+        self.info.update(parameters=sum(t.numel() for t in self.anchor.values()),
+                         extra_bytes=extra)
+        log.info("%s: anchored %d parameters (%.1f MB extra)", self.cfg.kind,
+                 self.info["parameters"], extra / 2**20)
+
+    def _save_fisher(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({n: f.detach().contiguous().cpu() for n, f in self.fisher.items()}, str(tmp),
+                  metadata={"normalized": str(self.cfg.normalize)})
+        tmp.replace(path)
+
+    def penalty(self, model) -> torch.Tensor:
+        return quadratic_penalty(trainable(model), self.anchor, self.fisher)
+
+    def extra_loss(self, ctx: StageContext, items: list[Encoded], share: float):
+        if self.cfg.weight == 0:
+            return None
+        p = self.penalty(ctx.accelerator.unwrap_model(ctx.model))
+        self.last = float(p.detach())
+        # a per-step penalty: each micro-batch adds its share, so the step adds it once
+        return self.cfg.weight * p * share
+
+    def on_step_end(self, ctx: StageContext, row: dict[str, Any]) -> None:
+        row[f"{self.cfg.kind}_penalty"] = self.last  # before the step's update
+
+    def on_stage_end(self, ctx: StageContext) -> None:
+        self.anchor, self.fisher = {}, None  # free the copies
+
+    def report(self) -> dict[str, Any]:
+        return dict(self.info)
+
+
+class Distillation(StageCallback):
+    """LwF-style KL to the frozen model entering the stage: weight x T^2 x mean KL over the
+    answer positions of the micro-batch's items (or of its mixing items only)."""
+
+    def __init__(self, cfg: RegularizerConfig, mix_ids: set[str] | None = None):
+        if cfg.on == "mix" and not mix_ids:
+            raise ValueError("kl on: mix needs mixing items in the stage")
+        self.cfg = cfg
+        self.mix_ids = mix_ids or set()
+        self.teacher = None
+        self.total, self.count = 0.0, 0
+        self.info: dict[str, Any] = {"kind": "kl", "weight": cfg.weight,
+                                     "temperature": cfg.temperature, "on": cfg.on}
+
+    def on_stage_start(self, ctx: StageContext) -> None:
+        self.teacher = copy.deepcopy(ctx.accelerator.unwrap_model(ctx.model)).eval()
+        self.teacher.requires_grad_(False)
+        extra = tensor_bytes(self.teacher.parameters()) + tensor_bytes(self.teacher.buffers())
+        self.info["extra_bytes"] = extra
+        log.info("kl: frozen teacher (%.1f MB extra)", extra / 2**20)
+
+    def extra_loss(self, ctx: StageContext, items: list[Encoded], share: float):
+        if self.cfg.on == "mix":
+            items = [e for e in items if e.id in self.mix_ids]
+        if not items or self.cfg.weight == 0:
+            return None
+        pad_id, device = ctx.fmt.tok.pad_token_id, ctx.accelerator.device
+        # a second student forward: the loop keeps its logits to itself (one more forward per
+        # micro-batch, plus the teacher's, is the price of this callback)
+        student = answer_position_logits(ctx.model, items, pad_id, device)
+        with torch.no_grad():
+            teacher = answer_position_logits(self.teacher, items, pad_id, device)
+        kl = distillation_kl(student, teacher, self.cfg.temperature)
+        self.total += float(kl.detach())
+        self.count += 1
+        return self.cfg.weight * kl * share
+
+    def on_step_end(self, ctx: StageContext, row: dict[str, Any]) -> None:
+        row["kl"] = self.total / self.count if self.count else 0.0
+        self.total, self.count = 0.0, 0
+
+    def on_stage_end(self, ctx: StageContext) -> None:
+        self.teacher = None
+
+    def report(self) -> dict[str, Any]:
+        return dict(self.info)
+
+
+def build_regularizers(stage: StageConfig, previous_factoids: list[Example] | None,
+                       mix_ids: set[str], out_dir: Path | None) -> list[StageCallback]:
+    """The callbacks of a stage's `regularizers` list. `previous_factoids`: the factoids of the
+    previous stage's sets (EWC's Fisher); `mix_ids`: ids of the stage's mixing items (kl on mix)."""
+    out: list[StageCallback] = []
+    for r in stage.regularizers:
+        if r.kind == "kl":
+            out.append(Distillation(r, mix_ids))
+        else:
+            out.append(WeightAnchor(r, previous_factoids if r.kind == "ewc" else None, out_dir))
+    return out
