@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="when a generated answer counts as knowing the fact")
     filt.add_argument("--batch-size", type=int, default=16)
     filt.add_argument("--max-new-tokens", type=int, default=32)
-    filt.add_argument("--cache-dir", help="where verdicts are cached (default ~/.cache/factmem/filter)")
+    filt.add_argument("--cache-dir",
+                      help="where verdicts are cached (default ~/.cache/factmem/filter)")
     filt.add_argument("--out", help="write the yet-to-learn examples to this .jsonl")
     filt.set_defaults(fn=_cmd_data_filter)
 

@@ -158,7 +158,8 @@ def evaluate_examples(
                 for i, t in zip(gen, generate_answers(model, fmt, [primary[i] for i in gen],
                                                       batch_size, max_new_tokens)):
                     texts[i] = t
-                    correct[i] = is_match(t, examples[i].answers, examples[i].meta.get("match", match))
+                    kind = examples[i].meta.get("match", match)
+                    correct[i] = is_match(t, examples[i].answers, kind)
         elif mode == "generate":
             texts = generate_answers(model, fmt, primary, batch_size, max_new_tokens)
             correct = [is_match(t, ex.answers, ex.meta.get("match", match))

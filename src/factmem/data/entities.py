@@ -2,10 +2,10 @@
 
 Each item is (subject, relation, object) asked in the style of PopQA and EntityQuestions:
 `In what city was Velorin Quastabek born?` -> `Drunmoravia`. Subjects are invented names
-(two random syllables per name part, ~10^13 full names), unique across the seeded stream; objects are
-invented names or random years, except for the categorical relations (occupation, sport, genre)
-whose objects come from short real lists, so a model could guess those with chance 1/len(list)
-but cannot know them. Item i is the same under any n/offset (disjoint A/B copies by offset);
+(two random syllables per name part, ~10^13 full names), unique across the seeded stream;
+objects are invented names or random years, except for the categorical relations (occupation,
+sport, genre) whose objects come from short real lists, so a model could guess those with
+chance 1/len(list) but cannot know them. Item i is the same under any n/offset (disjoint A/B copies by offset);
 ids are `entities:i` (`entities@seed:i`).
 """
 
@@ -76,7 +76,8 @@ def fictional(kind: str, rng: random.Random) -> str:
     if kind == "country":
         return _word(rng, 2) + rng.choice(["ia", "istan", "land", "ovia", "ara"])
     if kind == "company":
-        return f"{_word(rng, 2)} {rng.choice(['Industries', 'Systems', 'Labs', 'Holdings', 'Works'])}"
+        suffix = rng.choice(["Industries", "Systems", "Labs", "Holdings", "Works"])
+        return f"{_word(rng, 2)} {suffix}"
     if kind == "university":
         return f"University of {_word(rng, 3)}"
     if kind == "book":

@@ -210,7 +210,8 @@ class TriviaQAParams(HubParams):
 def triviaqa_row(row: dict[str, Any], p: TriviaQAParams) -> Item:
     if "Question" in row:  # the official raw release: {"Data": [{Question, Answer{Value, ...}}]}
         ans = need(row, "Answer")
-        value, aliases = ans.get("Value"), [*ans.get("Aliases", []), *ans.get("NormalizedAliases", [])]
+        value = ans.get("Value")
+        aliases = [*ans.get("Aliases", []), *ans.get("NormalizedAliases", [])]
         question, qid = row["Question"], row.get("QuestionId")
     else:  # the hub's rc / rc.nocontext schema
         ans = need(row, "answer")
@@ -226,7 +227,7 @@ def triviaqa_row(row: dict[str, Any], p: TriviaQAParams) -> Item:
 
 
 triviaqa = _simple("triviaqa", TriviaQAParams, "factoid", triviaqa_row, key="Data",
-                   doc="TriviaQA rc.nocontext: `{question}\\nThe answer is: ` -> value (aliases count)")
+                   doc="TriviaQA rc.nocontext: `{question}\\nThe answer is: ` -> value (+ aliases)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,7 +501,8 @@ def ultrachat_row(row: dict[str, Any], p: UltraChatParams) -> Item:
         pairs = min(pairs, p.max_turns)
     if pairs == 0:
         raise RowError("field 'data': no user/assistant exchange")
-    msgs = tuple(("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(turns[: 2 * pairs]))
+    msgs = tuple(("user" if i % 2 == 0 else "assistant", t)
+                 for i, t in enumerate(turns[: 2 * pairs]))
     return Item(msgs, (msgs[-1][1],), {"turns": pairs, "dialogue_id": row.get("id")})
 
 
