@@ -37,21 +37,22 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _cmd_data_build(args: argparse.Namespace) -> int:
-    from factmem import io
-    from factmem.config import SetConfig, _Invalid, _parse_with_source_params, parse_override
+def _set_from_args(args: argparse.Namespace):
+    """`SOURCE --n --offset --seed --param k=v` -> a validated SetConfig."""
+    from factmem.config import parse_override, parse_set
 
     raw = {"source": args.source, **dict(parse_override(p) for p in args.param)}
     if args.n is not None:
         raw["n"] = args.n
     raw["offset"], raw["seed"] = args.offset, args.seed
-    try:
-        cfg = _parse_with_source_params(SetConfig, raw, "", ("source", "n", "offset", "seed"))
-    except _Invalid as e:
-        raise FactmemError(str(e)) from None
+    return parse_set(raw, where=f"data {args.data_cmd} {args.source}")
+
+
+def _cmd_data_build(args: argparse.Namespace) -> int:
+    from factmem import io
     from factmem.experiment import build_set
 
-    examples = build_set(cfg)
+    examples = build_set(_set_from_args(args))
     io.write_jsonl(args.out, (e.to_json() for e in examples))
     print(f"wrote {len(examples)} examples to {args.out}")
     return 0
@@ -60,19 +61,11 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
 def _cmd_data_filter(args: argparse.Namespace) -> int:
     """Yet-to-learn filtering: keep the facts the base model gets wrong few-shot."""
     from factmem import io
-    from factmem.config import ModelConfig, SetConfig, _Invalid, _parse_with_source_params
-    from factmem.config import parse_override, to_dict
+    from factmem.config import ModelConfig, to_dict
     from factmem.data.filter import filter_unknown, shot_examples
     from factmem.experiment import build_set
 
-    raw = {"source": args.source, **dict(parse_override(p) for p in args.param)}
-    if args.n is not None:
-        raw["n"] = args.n
-    raw["offset"], raw["seed"] = args.offset, args.seed
-    try:
-        cfg = _parse_with_source_params(SetConfig, raw, "", ("source", "n", "offset", "seed"))
-    except _Invalid as e:
-        raise FactmemError(str(e)) from None
+    cfg = _set_from_args(args)
     if args.shots < 0:
         raise FactmemError(f"--shots: must be >= 0, got {args.shots}")
     examples = build_set(cfg)

@@ -522,6 +522,16 @@ def _check_run_name(name: str) -> None:
                        "absolute paths: the run directory must stay inside output.dir)")
 
 
+def parse_set(raw: dict[str, Any], where: str = "set") -> SetConfig:
+    """One set from a flat mapping (`{source: kvr, n: 10, length: 8}`), as the CLI builds it."""
+    try:
+        cfg = _parse_with_source_params(SetConfig, raw, "", ("source", "n", "offset", "seed"))
+        _check_selection(cfg.n, cfg.offset, "")
+    except _Invalid as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return cfg
+
+
 def _check_selection(n: int | None, offset: int, path: str) -> None:
     if n is not None and n < 1:
         raise _Invalid(_join(path, "n"), f"must be >= 1, got {n} (an empty set cannot be trained)")
