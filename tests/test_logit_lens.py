@@ -113,3 +113,21 @@ def test_parts_are_found_generically(tiny):
 
     with pytest.raises(ModelError, match="final norm"):
         final_norm(NoNorm())
+
+
+def test_lens_summary_pools_seeds_after_the_per_seed_rows():
+    from factmem.analysis.run import summarize_tables
+
+    def fact(seed, i, first):
+        return {"variant": "remix", "seed": seed, "stage": "stage1", "set": "kvr_a",
+                "id": f"kvr:{i}", "n_layers": 4, "first_layer": first,
+                "first_layer_first_token": first}
+
+    facts = [fact(0, 0, 2), fact(0, 1, 4), fact(1, 0, 3), fact(1, 1, None)]
+    lens = summarize_tables({"lens_facts": facts}, ["lens"])["lens"]
+    assert [r["seed"] for r in lens] == [0, 1, "all"]
+    pooled = lens[-1]
+    assert (pooled["n"], pooled["decodable"], pooled["mean"]) == (4, 3, 3.0)
+    assert pooled["histogram"] == {"2": 1, "3": 1, "4": 1} and pooled["distinct"] == 3
+    # one seed: no pooled row
+    assert [r["seed"] for r in summarize_tables({"lens_facts": facts[:2]}, ["lens"])["lens"]] == [0]

@@ -17,6 +17,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from factmem.experiment import run_experiment
     from factmem.results import to_markdown
 
+    if args.no_progress:  # also quiet the bars transformers draws when it loads or saves weights
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     exp = load_experiment(args.config, args.set)
     if args.dry_run:
         print(f"{args.config}: valid; variants: {', '.join(exp.variants)}; "
@@ -90,9 +93,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     summary = analyze(args.run_dir, parse_what(args.what), block=args.block,
                       batch_size=args.batch_size, variants=args.variant)
     for row in summary.get("lens", []):
-        print(f"lens {row['variant']} seed{row['seed']} {row['stage']} {row['set']}: "
-              f"{row['decodable']}/{row['n']} decodable, first layer mean {row['mean']}, "
-              f"std {row['std']}, entropy {row['entropy_bits']} bits")
+        seed = "all seeds" if row["seed"] == "all" else f"seed{row['seed']}"
+        stats = ("" if row["mean"] is None else
+                 f", first layer mean {row['mean']:.2f}, std {row['std']:.2f}, "
+                 f"entropy {row['entropy_bits']:.2f} bits")
+        print(f"lens {row['variant']} {seed} {row['stage']} {row['set']}: "
+              f"{row['decodable']}/{row['n']} decodable{stats}")
     print(f"Tables: {args.run_dir}/analysis/ (summary.json)")
     return 0
 

@@ -156,21 +156,29 @@ def fig_accuracy(data: RunData, out: Path) -> Path:
 
 
 def _retention_series(rows, variant):
-    """[(global step, stage, set -> accuracy, set -> token_acc)] with stages laid end to end."""
-    by = defaultdict(list)
-    for r in rows:
-        if r["variant"] == variant:
-            by[(r["stage"], r["step"], r["set"])].append(r)
-    stage_order = list(dict.fromkeys(r["stage"] for r in rows if r["variant"] == variant))
-    series, offset, bounds = [], 0, []
+    """Per seed [(global step, set -> accuracy, set -> token_acc)] with stages laid end to end,
+    and the stage bounds. Seeds take different numbers of steps (stop rules), so each stage gets
+    the width of its longest seed and seeds are drawn, not averaged: a mean past a short seed's
+    end would mix seeds with stages."""
+    mine = [r for r in rows if r["variant"] == variant]
+    stage_order = list(dict.fromkeys(r["stage"] for r in mine))
+    offsets, bounds, offset = {}, [], 0
     for st in stage_order:
-        steps = sorted({k[1] for k in by if k[0] == st})
-        for step in steps:
-            acc = {k[2]: _mean(x["correct"] for x in v) for k, v in by.items() if k[:2] == (st, step)}
-            tok = {k[2]: _mean(x["token_acc"] for x in v) for k, v in by.items() if k[:2] == (st, step)}
-            series.append((offset + step, st, acc, tok))
-        offset += max(steps) if steps else 0
+        offsets[st] = offset
+        offset += max(r["step"] for r in mine if r["stage"] == st)
         bounds.append((offset, st))
+    by = defaultdict(lambda: defaultdict(list))
+    for r in mine:
+        by[r["seed"]][(r["stage"], r["step"], r["set"])].append(r)
+    series = {}
+    for seed, cells in by.items():
+        points = sorted({(offsets[st], step, st) for st, step, _ in cells})
+        series[seed] = [(off + step,
+                         {k[2]: _mean(x["correct"] for x in v)
+                          for k, v in cells.items() if k[:2] == (st, step)},
+                         {k[2]: _mean(x["token_acc"] for x in v)
+                          for k, v in cells.items() if k[:2] == (st, step)})
+                        for off, step, st in points]
     return series, bounds
 
 
@@ -184,13 +192,15 @@ def fig_retention(data: RunData, out: Path) -> Path | None:
                              sharey=True)
     for ax, v in zip(axes[:, 0], variants):
         series, bounds = _retention_series(rows, v)
-        for k, s in enumerate(data.sets):
-            xs = [x for x, _, acc, _ in series if s in acc]
-            color = f"C{k}"
-            ax.plot(xs, [acc[s] for _, _, acc, _ in series if s in acc], "-o", ms=2.5,
-                    color=color, label=f"{s} exact match")
-            ax.plot(xs, [tok[s] for _, _, _, tok in series if s in tok], "--", color=color,
-                    alpha=0.6, label=f"{s} token acc")
+        lw = 1.5 if len(series) == 1 else 1.0
+        for n, points in enumerate(series.values()):
+            for k, s in enumerate(data.sets):
+                xs = [x for x, acc, _ in points if s in acc]
+                color = f"C{k}"
+                ax.plot(xs, [acc[s] for _, acc, _ in points if s in acc], "-o", ms=2, lw=lw,
+                        color=color, label=None if n else f"{s} exact match")
+                ax.plot(xs, [tok[s] for _, _, tok in points if s in tok], "--", lw=lw,
+                        color=color, alpha=0.6, label=None if n else f"{s} token acc")
         start = 0
         for end, st in bounds:
             ax.axvline(end, color="0.7", lw=0.8)
@@ -200,7 +210,10 @@ def fig_retention(data: RunData, out: Path) -> Path | None:
         ax.set_ylabel(v)
         ax.legend(fontsize=7, loc="lower left", ncol=2)
     axes[-1, 0].set_xlabel("optimizer step (stages laid end to end)")
-    fig.suptitle("Retention curves: tracked sets during training", fontsize=10)
+    title = "Retention curves: tracked sets during training"
+    if any(len({r["seed"] for r in rows if r["variant"] == v}) > 1 for v in variants):
+        title += " (one line per seed)"
+    fig.suptitle(title, fontsize=10)
     return _save(fig, data, out / "retention.png")
 
 
@@ -313,10 +326,12 @@ def fig_reversion(data: RunData, out: Path) -> Path | None:
             ax.plot(mids, [_mean(x["token_acc"] for x in by[k2]) for k2 in keys], ":",
                     color=f"C{k}", label=f"{v}: token acc")
         s = data.own.get(st, "")
-        ax.set_title(f"{s} after {st}: one layer block reverted", fontsize=9)
-        ax.set_xlabel("reverted layer")
+        block = data.summary.get("block", 1)
+        ax.set_title(f"{s} after {st}: one block of {block} layer{'s' if block > 1 else ''} "
+                     "reverted", fontsize=9)
+        ax.set_xlabel("reverted layer" if block == 1 else "reverted block (centre layer)")
         ax.set_ylim(-0.02, 1.05)
-    axes[0, 0].set_ylabel("accuracy with the block at pre-stage weights")
+    axes[0, 0].set_ylabel("accuracy after reverting")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("Layer reversion: which layers hold the stage's facts", fontsize=10)
     return _save(fig, data, out / "reversion.png")
@@ -360,6 +375,10 @@ def _pct(x) -> str:
     return "-" if x is None or x != x else f"{100 * x:.1f}"
 
 
+def _num(x, digits: int = 2) -> str:
+    return "-" if x is None or x != x else f"{x:.{digits}f}"
+
+
 def sections(data: RunData, figdir: Path) -> list[Section]:
     out: list[Section] = []
     acc_rows = []
@@ -392,14 +411,19 @@ def sections(data: RunData, figdir: Path) -> list[Section]:
     lens = data.summary.get("lens") or []
     if lens:
         l_rows = [[r["variant"], r["seed"], r["stage"], r["set"], f"{r['decodable']}/{r['n']}",
-                   r["mean"], r["median"], r["std"], r["entropy_bits"], r["distinct"]]
+                   _num(r["mean"]), _num(r["median"], 1), _num(r["std"]),
+                   _num(r["entropy_bits"]), r["distinct"],
+                   f"{_num(r['first_token']['mean'])} / {_num(r['first_token']['entropy_bits'])}"]
                   for r in lens]
         out.append(Section("Logit lens", "Each layer's residual stream decoded through the final "
                            "norm and unembedding at the answer positions. First decodable layer "
                            "= first layer from which every answer token stays top-1 to the last "
-                           "layer; spread = standard deviation and entropy of its histogram.",
+                           "layer; spread = standard deviation and entropy of its histogram. "
+                           "Seed `all` pools the facts of every seed. Last column: the same for "
+                           "the first answer token only.",
                            ["variant", "seed", "checkpoint", "set", "decodable", "mean layer",
-                            "median", "std", "entropy (bits)", "distinct layers"], l_rows,
+                            "median", "std", "entropy (bits)", "distinct layers",
+                            "first token: mean / entropy"], l_rows,
                            fig_lens(data, figdir)))
         out.append(Section("First decodable layer", "", figure=fig_first_layer(data, figdir)))
     else:
@@ -413,11 +437,15 @@ def sections(data: RunData, figdir: Path) -> list[Section]:
             layers = [r for r in mine if r["layer_start"] > 0]
             worst = min(layers, key=lambda r: r["accuracy"]) if layers else None
             ref = {r["group"]: r["accuracy"] for r in mine}
+            if worst is not None and worst["accuracy"] >= (ref.get("none") or 0):
+                worst = None  # no single block costs anything: no block to name
             r_rows.append([v, s, st, mine[0]["set"], _pct(ref.get("none")), _pct(ref.get("all")),
                            _pct(_mean(r["accuracy"] for r in layers)),
-                           f"{worst['group']} ({_pct(worst['accuracy'])})" if worst else "-"])
+                           f"{worst['group']} ({_pct(worst['accuracy'])})" if worst else "none"])
+        block = data.summary.get("block", 1)
         out.append(Section("Layer reversion", "Exact match (%) on a stage's own set with one block "
-                           "of layers reverted to its weights before the stage.",
+                           f"of {block} layer{'s' if block > 1 else ''} reverted to its weights "
+                           "before the stage.",
                            ["variant", "seed", "stage", "set", "trained", "all reverted",
                             "mean over single blocks", "most harmful block"], r_rows,
                            fig_reversion(data, figdir)))

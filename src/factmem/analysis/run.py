@@ -202,12 +202,21 @@ def summarize_tables(tables, what) -> dict[str, Any]:
         groups: dict[tuple, list] = defaultdict(list)
         for r in tables.get("lens_facts", []):
             groups[(r["variant"], r["seed"], r["stage"], r["set"])].append(r)
+        # with several seeds, one more row per variant/stage/set pools the facts of all seeds
+        # (seed "all"): the figure to compare variants by
+        pooled: dict[tuple, list] = defaultdict(list)
+        for (v, s, st, name), rows in groups.items():
+            pooled[(v, st, name)].append(s)
+        for (v, st, name), seeds in pooled.items():
+            if len(seeds) > 1:
+                groups[(v, "all", st, name)] = [r for s in seeds for r in groups[(v, s, st, name)]]
         out["lens"] = [
             {"variant": v, "seed": s, "stage": st, "set": name,
              **layer_diversity([r["first_layer"] for r in rows], rows[0]["n_layers"]),
              "first_token": layer_diversity([r["first_layer_first_token"] for r in rows],
                                             rows[0]["n_layers"])}
-            for (v, s, st, name), rows in groups.items()
+            for (v, s, st, name), rows in sorted(
+                groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3], kv[0][1] == "all"))
         ]
     if "probes" in what:
         groups = defaultdict(list)
