@@ -70,9 +70,14 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path, capsys):
         log2 = [json.loads(x) for x in (two / "naive/seed0" / stage / "train_log.jsonl")
                 .read_text().splitlines()]
         assert len(log1) == len(log2) == 60
-        # losses are reduced across ranks: the global mean, as one process computes it
+        # losses are reduced across ranks: the global mean, as one process computes it. The
+        # first step of a stage agrees to float32 rounding; later steps drift apart because
+        # gradients summed in another order compound over the updates (measured: at most 9e-6
+        # relative in stage 1 and 1.7e-4 by stage 2's 60th update), far below what a wrong
+        # shard or normalisation gives.
+        assert log2[0]["loss"] == pytest.approx(log1[0]["loss"], rel=1e-5)
         for r1, r2 in zip(log1, log2):
-            assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-4, abs=1e-6)
+            assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-3, abs=1e-6)
             assert r2["tok_acc"] == r1["tok_acc"]
         m1 = json.loads((one / "naive/seed0" / stage / "metrics.json").read_text())
         m2 = json.loads((two / "naive/seed0" / stage / "metrics.json").read_text())
