@@ -37,13 +37,14 @@ def mp_config(model_dir: Path, tmp: Path, epochs: int = 30) -> Path:
     return path
 
 
-def launch(config: Path, out: Path, processes: int) -> subprocess.CompletedProcess:
+def launch(config: Path, out: Path, processes: int,
+           timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])])}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
            "-m", "factmem", "run", str(config), "--no-progress", "--output", str(out)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def files(root: Path) -> set[str]:
@@ -84,6 +85,58 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path, capsys):
         assert m1["train"]["tokens"] == m2["train"]["tokens"]
         for name in m1["eval"]:
             assert m1["eval"][name] == pytest.approx(m2["eval"][name], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_refused_run_stops_every_process(tiny_model_dir, tmp_path):
+    """The main process refuses a changed config in an existing run directory: the launched
+    job stops with the one-line error and a non-zero exit. (On one machine the launcher also
+    kills the other workers; `main_process_decides` makes them stop by themselves, which
+    matters across machines: see the next test.)"""
+    cfg = mp_config(tiny_model_dir, tmp_path, epochs=1)
+    assert main(["run", str(cfg), "--no-progress", "--output", str(tmp_path / "runs")]) == 0
+    cfg.write_text(cfg.read_text().replace("lr: 0.003", "lr: 0.002"))
+    proc = launch(cfg, tmp_path / "runs", 2, timeout=180)  # a hang fails by TimeoutExpired
+    assert proc.returncode != 0
+    assert "holds a different config (changed: train.lr)" in proc.stderr, proc.stderr[-2000:]
+
+
+class FakeAccelerator:
+    def __init__(self, main: bool):
+        self.is_main_process = main
+
+
+def test_main_process_decides_stops_the_other_processes_too(monkeypatch):
+    import accelerate.utils
+
+    from factmem.errors import FactmemError
+    from factmem.experiment import main_process_decides
+
+    def refuse():
+        raise FactmemError("run directory x holds a different config")
+
+    # what the main process broadcasts, as the other process receives it
+    sent = []
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list",
+                        lambda objs: sent.append(list(objs)) or objs)
+    with pytest.raises(FactmemError, match="holds a different config"):
+        main_process_decides(FakeAccelerator(main=True), refuse)
+    assert sent == [["run directory x holds a different config"]]
+    def receive(objs):  # in place, as torch.distributed.broadcast_object_list does
+        objs[:] = sent[0]
+        return objs
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", receive)
+    ran = []
+    with pytest.raises(FactmemError, match="holds a different config"):
+        main_process_decides(FakeAccelerator(main=False), lambda: ran.append(1))
+    assert not ran  # only the main process acts
+    # an unexpected failure on the main process is passed on too, with its type named
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objs: objs)
+    with pytest.raises(OSError):
+        main_process_decides(FakeAccelerator(main=True), lambda: open("/nonexistent/x", "w"))
+    # and nothing is raised when the main process succeeds
+    main_process_decides(FakeAccelerator(main=True), lambda: None)
 
 
 def test_only_the_main_process_writes(tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -150,30 +150,54 @@ def run_experiment(
     root = Path(output_dir or base.output.dir) / safe_name(exp.name)
     accelerator = Accelerator()
     lock = RunLock(root)  # one writer per run directory
-    if accelerator.is_main_process:
-        lock.acquire()
     try:
-        return _run_locked(exp, root, cache, tokenizer, accelerator, overwrite, progress)
+        # the main process takes the lock and checks the run directory; every process gets
+        # its verdict, so that a refusal stops them all instead of leaving the others waiting
+        main_process_decides(accelerator, lambda: open_run_dir(exp, root, cache, lock, overwrite))
+        return _run_locked(exp, root, cache, tokenizer, accelerator, progress)
     finally:
         lock.release()
 
 
-def _run_locked(exp: Experiment, root: Path, cache: SetCache, tokenizer, accelerator,
-                overwrite: bool, progress: bool) -> dict[str, Any]:
+def main_process_decides(accelerator, action) -> None:
+    """Run `action` on the main process only; if it fails, every process stops with its error
+    (the main process re-raises its own exception, the others a FactmemError with its text)."""
+    from accelerate.utils import broadcast_object_list
+
+    error, failure = [None], None
     if accelerator.is_main_process:
-        resolved = {n: to_dict(c) for n, c in exp.variants.items()}
-        if root.exists() and any(root.iterdir()):
-            if overwrite:
-                shutil.rmtree(root)
-            else:  # the same command again continues the run; a changed config is refused
-                check_resumable(root, exp.raw, json.loads(json.dumps(resolved)))
-                log.info("continuing the run in %s (finished stages are kept)", root)
-        root.mkdir(parents=True, exist_ok=True)
-        io.write_text(root / "config.yaml", yaml.safe_dump(exp.raw, sort_keys=False))
-        io.write_json(root / "resolved.json", resolved)
-        if cache.reports:  # items dropped by max_tokens / yet-to-learn filtering, per set
-            io.write_json(root / "data.json", cache.reports)
-    accelerator.wait_for_everyone()
+        try:
+            action()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the others are told
+            failure, error = e, [str(e) if isinstance(e, FactmemError)
+                                 else f"the main process failed: {type(e).__name__}: {e}"]
+    broadcast_object_list(error)
+    if failure is not None:
+        raise failure
+    if error[0] is not None:
+        raise FactmemError(error[0])
+
+
+def open_run_dir(exp: Experiment, root: Path, cache: SetCache, lock: RunLock,
+                 overwrite: bool) -> None:
+    """Lock the run directory, refuse a changed config (or start over), write the config."""
+    lock.acquire()
+    resolved = {n: to_dict(c) for n, c in exp.variants.items()}
+    if root.exists() and any(root.iterdir()):
+        if overwrite:
+            shutil.rmtree(root)
+        else:  # the same command again continues the run; a changed config is refused
+            check_resumable(root, exp.raw, json.loads(json.dumps(resolved)))
+            log.info("continuing the run in %s (finished stages are kept)", root)
+    root.mkdir(parents=True, exist_ok=True)
+    io.write_text(root / "config.yaml", yaml.safe_dump(exp.raw, sort_keys=False))
+    io.write_json(root / "resolved.json", resolved)
+    if cache.reports:  # items dropped by max_tokens / yet-to-learn filtering, per set
+        io.write_json(root / "data.json", cache.reports)
+
+
+def _run_locked(exp: Experiment, root: Path, cache: SetCache, tokenizer, accelerator,
+                progress: bool) -> dict[str, Any]:
 
     paths = RunPaths(root)
     reuse = StageReuse(exp, enabled=accelerator.num_processes == 1)
