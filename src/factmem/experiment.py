@@ -287,6 +287,9 @@ def run_variant_seed(
         regularizers = build_regularizers(stage, previous_factoids(cfg, k, sets),
                                           mixture.ids("mix"), stage_dir if main else None)
         ckpt = StageCheckpointer(stage_dir / "resume", cfg.output.checkpoint_every, write=main)
+        # order matters: the regularizers anchor (EWC Fisher, L2 weights, KL teacher) in their
+        # on_stage_start, before `ckpt` restores mid-stage weights on resume, so a resumed stage
+        # keeps the anchor of the model as it entered the stage (tests/reliability)
         callbacks = [FiniteGuard(ckpt, f"{variant} seed{seed} {stage.name}"), *regularizers,
                      *retention_callbacks(cfg, tracked, stage_dir, stage.name, main), ckpt]
         result = train_stage(

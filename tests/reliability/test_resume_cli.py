@@ -2,6 +2,7 @@
 command: it continues and every result file equals an uninterrupted run's. While the first run
 is alive, a second one on the same directory is refused; a changed config is refused."""
 
+import hashlib
 import json
 import logging
 import os
@@ -51,6 +52,9 @@ def result_files(run: Path) -> dict[str, str]:
             continue
         if p.name == "reused_from.json":  # holds the absolute path of the source
             out[rel] = "reused"
+            continue
+        if p.suffix == ".safetensors":  # e.g. EWC's fisher.safetensors: compared by content
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
             continue
         text = p.read_text()
         if p.name == "metrics.json":
