@@ -17,9 +17,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from factmem.experiment import run_experiment
     from factmem.results import to_markdown
 
-    if args.no_progress:  # also quiet the bars transformers draws when it loads or saves weights
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
+    if args.no_progress:
+        quiet_library_bars()
     exp = load_experiment(args.config, args.set)
     if args.dry_run:
         print(f"{args.config}: valid; variants: {', '.join(exp.variants)}; "
@@ -33,6 +32,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(to_markdown(summary))
     print(f"Results: {summary['run_dir']}/summary.md (and summary.json)")
     return 0
+
+
+def quiet_library_bars() -> None:
+    """--no-progress also quiets the bars transformers draws when it loads or saves weights."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def is_main_process() -> bool:
@@ -90,8 +96,11 @@ def _cmd_data_filter(args: argparse.Namespace) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from factmem.analysis.run import analyze, parse_what
 
+    if args.no_progress:
+        quiet_library_bars()
     summary = analyze(args.run_dir, parse_what(args.what), block=args.block,
-                      batch_size=args.batch_size, variants=args.variant)
+                      batch_size=args.batch_size, variants=args.variant,
+                      progress=not args.no_progress)
     for row in summary.get("lens", []):
         seed = "all seeds" if row["seed"] == "all" else f"seed{row['seed']}"
         stats = ("" if row["mean"] is None else
@@ -168,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--batch-size", type=int, help="evaluation batch (default: eval.batch_size)")
     an.add_argument("--variant", action="append", default=[], metavar="NAME",
                     help="analyze only this variant (repeatable); other variants' rows are kept")
+    an.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     an.set_defaults(fn=_cmd_analyze)
 
     rep = sub.add_parser("report", help="report.md and a self-contained report.html with figures")

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from factmem import io
 from factmem.analysis.logit_lens import layer_diversity, logit_lens
 from factmem.analysis.probes import run_probes
@@ -71,7 +73,8 @@ def load_run(run_dir: str | Path):
 
 
 def analyze(run_dir: str | Path, what: Sequence[str] = WHAT, block: int = 1,
-            batch_size: int | None = None, variants: Sequence[str] = ()) -> dict[str, Any]:
+            batch_size: int | None = None, variants: Sequence[str] = (),
+            progress: bool = True) -> dict[str, Any]:
     """Run the instruments in `what`, write the tables, return summary.json's content.
 
     `variants` limits the work to those variants; rows of other variants already in the tables
@@ -93,6 +96,11 @@ def analyze(run_dir: str | Path, what: Sequence[str] = WHAT, block: int = 1,
                 tables[table] = [r for r in read_jsonl(path) if r["variant"] not in variants]
     notes: list[str] = []
     cache = SetCache()
+    todo = [v for v in exp.variants if not variants or v in variants]
+    # one bar step per stage checkpoint (the model-based instruments are the slow part)
+    bar = tqdm(total=sum(len(exp.variants[v].seeds) * len(exp.variants[v].stages) for v in todo)
+               if any(w in what for w in MODEL_BASED) else 0,
+               desc="analyze", unit="checkpoint", disable=not progress, dynamic_ncols=True)
     for vname, cfg in exp.variants.items():
         if variants and vname not in variants:
             continue
@@ -110,7 +118,8 @@ def analyze(run_dir: str | Path, what: Sequence[str] = WHAT, block: int = 1,
                 tables["graded"] += collect_graded(cfg, dirs, key)
             if any(w in what for w in MODEL_BASED):
                 model_based(cfg, sets, dirs, key, what, block, batch_size or cfg.eval.batch_size,
-                            tables, notes)
+                            tables, notes, bar)
+    bar.close()
     out = root / "analysis"
     names = {"lens": ("lens_layers", "lens_facts")}
     for w in what:
@@ -149,7 +158,7 @@ def collect_graded(cfg: ExperimentConfig, dirs, key) -> list[dict[str, Any]]:
 
 
 def model_based(cfg: ExperimentConfig, sets, dirs, key, what, block: int, batch_size: int,
-                tables: dict[str, list[dict[str, Any]]], notes: list[str]) -> None:
+                tables: dict[str, list[dict[str, Any]]], notes: list[str], bar) -> None:
     """Lens and probes on every stage checkpoint, reversion of each stage against the weights
     before it (the previous checkpoint, or the base model for the first stage)."""
     from factmem.models import Formatter, load_model, load_tokenizer
@@ -163,12 +172,14 @@ def model_based(cfg: ExperimentConfig, sets, dirs, key, what, block: int, batch_
             if "reversion" in what:
                 prev_state = {n: t for n, t in load_model(cfg.model).state_dict().items()}
             continue
+        bar.set_description(f"analyze {key['variant']} seed{key['seed']} {stage}")
         if not (ckpt / "config.json").is_file():
             notes.append(f"{key['variant']} seed{key['seed']} {stage}: no checkpoint; run with "
                          "output.save_checkpoints: true for lens, reversion and probes")
             prev_state = None
+            bar.update(1)
             continue
-        log.info("analyzing %s seed%d %s", key["variant"], key["seed"], stage)
+        log.debug("analyzing %s seed%d %s", key["variant"], key["seed"], stage)
         model = load_model(cfg.model, path=str(ckpt)).eval()
         at = {**key, "stage": stage}
         for name in cfg.track:
@@ -189,6 +200,7 @@ def model_based(cfg: ExperimentConfig, sets, dirs, key, what, block: int, batch_
         if "reversion" in what:
             prev_state = {n: t.detach().clone() for n, t in model.state_dict().items()}
         del model
+        bar.update(1)
 
 
 def _mean(xs) -> float | None:
