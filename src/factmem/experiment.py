@@ -198,7 +198,6 @@ def open_run_dir(exp: Experiment, root: Path, cache: SetCache, lock: RunLock,
 
 def _run_locked(exp: Experiment, root: Path, cache: SetCache, tokenizer, accelerator,
                 progress: bool) -> dict[str, Any]:
-
     paths = RunPaths(root)
     reuse = StageReuse(exp, enabled=accelerator.num_processes == 1)
     results: dict[str, dict[int, dict[str, Any]]] = {}

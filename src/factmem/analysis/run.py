@@ -109,6 +109,8 @@ def analyze(run_dir: str | Path, what: Sequence[str] = WHAT, block: int = 1,
             seed_dir = RunPaths(root).seed_dir(vname, seed)
             if not seed_dir.is_dir():
                 notes.append(f"{vname} seed{seed}: not run (no {seed_dir.name} directory)")
+                if any(w in what for w in MODEL_BASED):
+                    bar.update(len(cfg.stages))
                 continue
             key = {"variant": vname, "seed": seed}
             dirs = stage_dirs(cfg, seed_dir)
