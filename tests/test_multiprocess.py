@@ -122,6 +122,7 @@ def test_main_process_decides_stops_the_other_processes_too(monkeypatch):
     with pytest.raises(FactmemError, match="holds a different config"):
         main_process_decides(FakeAccelerator(main=True), refuse)
     assert sent == [["run directory x holds a different config"]]
+
     def receive(objs):  # in place, as torch.distributed.broadcast_object_list does
         objs[:] = sent[0]
         return objs
@@ -131,7 +132,7 @@ def test_main_process_decides_stops_the_other_processes_too(monkeypatch):
     with pytest.raises(FactmemError, match="holds a different config"):
         main_process_decides(FakeAccelerator(main=False), lambda: ran.append(1))
     assert not ran  # only the main process acts
-    # an unexpected failure on the main process is passed on too, with its type named
+    # an unexpected failure on the main process is re-raised there as it is
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objs: objs)
     with pytest.raises(OSError):
         main_process_decides(FakeAccelerator(main=True), lambda: open("/nonexistent/x", "w"))

@@ -311,6 +311,7 @@ def fig_reversion(data: RunData, out: Path) -> Path | None:
         return None
     plt = _plt()
     stages = list(dict.fromkeys(r["stage"] for r in rows))
+    block = data.summary.get("block", 1)
     fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.2), squeeze=False,
                              sharey=True)
     for ax, st in zip(axes[0], stages):
@@ -326,7 +327,6 @@ def fig_reversion(data: RunData, out: Path) -> Path | None:
             ax.plot(mids, [_mean(x["token_acc"] for x in by[k2]) for k2 in keys], ":",
                     color=f"C{k}", label=f"{v}: token acc")
         s = data.own.get(st, "")
-        block = data.summary.get("block", 1)
         ax.set_title(f"{s} after {st}: one block of {block} layer{'s' if block > 1 else ''} "
                      "reverted", fontsize=9)
         ax.set_xlabel("reverted layer" if block == 1 else "reverted block (centre layer)")

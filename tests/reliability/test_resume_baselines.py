@@ -12,7 +12,7 @@ from factmem.cli import main
 from factmem.resume import StageCheckpointer
 from .test_resume_cli import result_files
 
-pytestmark = pytest.mark.slow  # four tiny runs: ~40 s on 2 cores
+pytestmark = pytest.mark.slow  # 2 cases x 3 tiny runs: ~8 s on 2 cores
 
 KV = {"source": "kvr", "n": 6, "key_length": 4, "value_length": 3}
 STAGE2 = {
