@@ -127,10 +127,15 @@ def prepare(exp: Experiment) -> tuple[SetCache, Any]:
             tokenizer = load_tokenizer(cfg.model)
             context = model_context(cfg.model)
         fmt = Formatter(tokenizer, cfg.model.system_prompt, cfg.model.max_length)
-        for k in range(len(cfg.stages)):
-            mixture = build_mixture(cfg, k, sets, cfg.seeds[0])
-            for ex in mixture.examples():
-                check_context(fmt.encode(ex), context)  # raises on over-long items, templates
+        for seed in cfg.seeds:  # mixing items are drawn per training seed
+            for k in range(len(cfg.stages)):
+                try:
+                    mixture = build_mixture(cfg, k, sets, seed)
+                except FactmemError as e:
+                    where = f"variants.{vname}: " if len(exp.variants) > 1 else ""
+                    raise type(e)(f"{exp.source}: {where}{e}") from None
+                for ex in mixture.examples():
+                    check_context(fmt.encode(ex), context)  # over-long items, templates
         for name in cfg.track:
             for ex in sets[name]:
                 check_context(fmt.encode(ex), context)
@@ -280,8 +285,12 @@ def run_variant_seed(
         mixture = build_mixture(cfg, k, sets, seed)
         if main:
             io.write_json(stage_dir / "manifest.json", mixture.manifest())
-        trained = (stage.set, *stage.joint)
-        check = [e for n in trained for e in sets[n] if e.kind == "factoid"] or None
+        check = memorization_set(cfg, k, sets)
+        watch = memorization_watch(cfg, k, check).get("memorize_check")
+        if watch and "task" in watch["kinds"]:
+            log.info("%s: until_memorized waits for 100%% on the task set %s (%s match, %s mode, "
+                     "%d items), at most %d epochs", stage.name, ", ".join(watch["sets"]),
+                     watch["match"], watch["mode"], watch["n"], stage.train.stop.epochs)
         model, parts = begin_stage(model, stage, accelerator)  # LoRA, freezing
         regularizers = build_regularizers(stage, previous_factoids(cfg, k, sets),
                                           mixture.ids("mix"), stage_dir if main else None)
@@ -295,6 +304,7 @@ def run_variant_seed(
             model, accelerator, fmt, mixture.examples(), stage.train, seed=seed,
             memorize_check=check, eval_cfg=cfg.eval,
             desc=f"{variant} seed{seed} {stage.name}", progress=progress, callbacks=callbacks,
+            groups=mixture.groups(),
         )
         model = end_stage(model, parts, accelerator)
         evaluate_tracked(stage.name, stage_dir)
@@ -305,8 +315,8 @@ def run_variant_seed(
             save_stage_weights(accelerator.unwrap_model(model), stage_dir / "resume" / "final")
             io.write_jsonl(stage_dir / "train_log.jsonl", result.log)
             io.write_json(stage_dir / "metrics.json",
-                          {"train": result.to_json(), "eval": matrix[stage.name],
-                           "seconds": round(result.seconds, 2),
+                          {"train": {**result.to_json(), **memorization_watch(cfg, k, check)},
+                           "eval": matrix[stage.name], "seconds": round(result.seconds, 2),
                            **baseline_metrics(regularizers, parts.info)})
             ckpt.clear()
             if k > 0:  # only the last finished stage's weights are needed to continue
@@ -350,6 +360,25 @@ def restore_finished(cfg: ExperimentConfig, out: Path, model, matrix: dict) -> i
         matrix[cfg.stages[k].name] = io.read_json(stage_path(out, cfg, k) / "metrics.json")["eval"]
     log.info("%s: stages 1-%d finished earlier; continuing from %s", out, last + 1, weights)
     return last
+
+
+def memorization_set(cfg: ExperimentConfig, k: int, sets: dict[str, list[Example]]
+                     ) -> list[Example]:
+    """What `until_memorized` watches in stage k: the stage's own set and its joint sets, every
+    item of them (a task set too: then 100% by the evaluation's match on the task), never the
+    mixing or replay items."""
+    stage = cfg.stages[k]
+    return [e for n in (stage.set, *stage.joint) for e in sets[n]]
+
+
+def memorization_watch(cfg: ExperimentConfig, k: int, check: list[Example]) -> dict[str, Any]:
+    """The metrics entry naming what `until_memorized` waited for (empty for other rules)."""
+    stage = cfg.stages[k]
+    if stage.train.stop.rule != "until_memorized":
+        return {}
+    kinds = sorted({e.kind for e in check})
+    return {"memorize_check": {"sets": [stage.set, *stage.joint], "n": len(check),
+                               "kinds": kinds, "match": cfg.eval.match, "mode": cfg.eval.mode}}
 
 
 def previous_factoids(cfg: ExperimentConfig, k: int, sets: dict[str, list[Example]]):
