@@ -52,3 +52,17 @@ def test_bench_train_tiny(bench, tiny_model_dir, tmp_path):
     assert res["factmem"]["tokens"] == res["trainer"]["tokens"] > 0
     assert res["factmem"]["steps"] == res["trainer"]["steps"] == 2
     assert "transformers.Trainer" in (tmp_path / "R.md").read_text()
+
+
+def test_bench_mixing_tiny(bench, tiny_model_dir, tmp_path):
+    res = bench("bench_mixing").main(["--model", str(tiny_model_dir), "--facts", "4",
+                                      "--batch-size", "4", "--results", str(tmp_path / "R.md")])
+    layouts = {name: r["layout"] for (_, name), r in res.items()}
+    assert layouts == {"length_grouped (padded)": "padded", "mixed + padded": "padded",
+                       "mixed + packed": "packed"}
+    for stage in ("stage 1: KVR + random words", "stage 2: KVR + generic text"):
+        rows = [r for (s, _), r in res.items() if s == stage]
+        assert len({r["tokens"] for r in rows}) == 1 and len({r["steps"] for r in rows}) == 1
+        assert res[(stage, "mixed + packed")]["padding"] == 0.0
+        assert res[(stage, "mixed + padded")]["padding"] > 0.2  # facts beside long passages
+    assert "mixed + packed / length_grouped throughput" in (tmp_path / "R.md").read_text()

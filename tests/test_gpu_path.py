@@ -36,8 +36,10 @@ def test_gpu_settings_load_bf16_sdpa_and_train(tiny_model_dir, monkeypatch):
     monkeypatch.undo()  # the model now lives on the CPU; accelerate must not look for a GPU
     assert next(model.parameters()).dtype == torch.bfloat16
     assert model.config._attn_implementation == "sdpa"
-    eager = load_model(cfg)
-    assert eager.config._attn_implementation == "eager" and eager.dtype == torch.float32
+    cpu = load_model(cfg)  # SDPA on the CPU too (faster than eager there), float32
+    assert cpu.config._attn_implementation == "sdpa" and cpu.dtype == torch.float32
+    eager = load_model(ModelConfig(name=str(tiny_model_dir), attn_implementation="eager"))
+    assert eager.config._attn_implementation == "eager"
     explicit = load_model(ModelConfig(name=str(tiny_model_dir), attn_implementation="sdpa",
                                       dtype="bfloat16"))
     assert explicit.config._attn_implementation == "sdpa"

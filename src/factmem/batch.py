@@ -89,17 +89,55 @@ def padded(items: Sequence[Encoded], pad_id: int) -> ModelBatch:
     return ModelBatch(ids, mask, None, targets, owner)
 
 
-def packed(items: Sequence[Encoded]) -> ModelBatch:
-    """All items in one row, positions restarting at 0 per item: no padding at all."""
-    ids = torch.tensor([t for e in items for t in e.input_ids])[None]
-    positions = torch.tensor([p for e in items for p in range(len(e))])[None]
-    targets = torch.tensor([t for e in items for t in shifted_targets(e)])[None]
-    owner = torch.tensor([i for i, e in enumerate(items) for _ in range(len(e))])[None]
+def pack_rows(lengths: Sequence[int], width: int | None) -> list[list[int]]:
+    """Item indices per packed row: first-fit decreasing into rows of at most `width` tokens,
+    items never split. `width=None`: rows as wide as the longest item, so short items fill the
+    room beside long ones and no row is wider than a padded batch's. Bounded rows matter without
+    flash attention: attention costs the square of the row length, and one 1,300-token row
+    trains slower than a padded batch on a CPU (benchmarks/RESULTS.md)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    cap = max(width or 0, max(lengths))
+    for i in order:
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(cap - lengths[i])
+    return [sorted(r) for r in rows]
+
+
+def packed(items: Sequence[Encoded], pad_id: int = 0, width: int | None = None) -> ModelBatch:
+    """Items laid end to end in rows of at most `width` tokens (None: the longest item's
+    length), positions
+    restarting at 0 per item. Rows shorter than the longest are padded at their end; the
+    padding counts as one more sequence (its own positions), so no item attends to it."""
+    rows = pack_rows([len(e) for e in items], width)
+    span = max(sum(len(items[i]) for i in r) for r in rows)
+    ids = torch.full((len(rows), span), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), span), dtype=torch.long)
+    targets = torch.full((len(rows), span), -100, dtype=torch.long)
+    owner = torch.full((len(rows), span), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            e, n = items[i], len(items[i])
+            ids[r, at : at + n] = torch.tensor(e.input_ids)
+            positions[r, at : at + n] = torch.arange(n)
+            targets[r, at : at + n] = torch.tensor(shifted_targets(e))
+            owner[r, at : at + n] = i
+            at += n
+        positions[r, at:] = torch.arange(span - at)
     return ModelBatch(ids, None, positions, targets, owner)
 
 
-def make_batch(items: Sequence[Encoded], pad_id: int, pack: bool) -> ModelBatch:
-    return packed(items) if pack else padded(items, pad_id)
+def make_batch(items: Sequence[Encoded], pad_id: int, pack: bool,
+               pack_width: int | None = None) -> ModelBatch:
+    return packed(items, pad_id, pack_width) if pack else padded(items, pad_id)
 
 
 def target_logits(model, batch: ModelBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -132,7 +170,7 @@ def packing_supported(model, vocab_size: int | None = None) -> bool:
     model.eval()  # no dropout
     try:
         alone = [model(input_ids=torch.tensor([x], device=device)).logits[0].float() for x in (a, b)]
-        pb = packed(items).to(device)
+        pb = packed(items, width=len(a) + len(b)).to(device)
         together = model(input_ids=pb.input_ids, position_ids=pb.position_ids).logits[0].float()
     except (TypeError, ValueError, RuntimeError) as e:
         log.info("packing: the model's forward refused packed position_ids (%s)", e)

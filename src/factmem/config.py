@@ -42,7 +42,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     """run code shipped with a hub model (only if you trust it)"""
     attn_implementation: str | None = None
-    """e.g. sdpa, eager, flash_attention_2; default: sdpa on GPU, eager on CPU"""
+    """e.g. sdpa, eager, flash_attention_2; default sdpa (on 2 CPU cores it trains SmolLM2
+    ~15% faster than eager: benchmarks/RESULTS.md)"""
 
     def __post_init__(self) -> None:
         if self.max_length < 8:
@@ -97,8 +98,14 @@ class TrainConfig:
     size, as the paper's uniform shuffle); length_grouped: items of similar length share a
     batch, which keeps facts and long mixed passages apart and so CHANGES what mixing does"""
     packing: bool = True
-    """pack each micro-batch's items into one row (position_ids restart per item, attention
-    stays inside an item): no padding; false pads every item to the micro-batch's longest"""
+    """pack each micro-batch's items end to end into rows (position_ids restart per item,
+    attention stays inside an item): next to no padding; false pads every item to the
+    micro-batch's longest"""
+    pack_width: int | None = None
+    """packed rows hold at most this many tokens (items are never split); null: as many as the
+    micro-batch's longest item, so no row is wider than a padded row would be (attention costs
+    the square of the row's length); with flash attention, whose cost does not, a large value
+    such as 65536 packs each micro-batch into one row"""
     label_padding: Literal["ignore", "reference"] = "ignore"
     """ignore: only assistant tokens carry loss; reference: the paper's reference code, every
     item padded to the stage's longest with labelled end-of-sequence tokens (an ablation: it
@@ -121,6 +128,8 @@ class TrainConfig:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum: must be >= 1, got {self.grad_accum}")
+        if self.pack_width is not None and self.pack_width < 8:
+            raise ValueError(f"pack_width: must be >= 8 or null, got {self.pack_width}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum "
                              f"({self.grad_accum})")
@@ -139,6 +148,9 @@ class EvalConfig:
     retention_every: int | None = None
     """retention curves: evaluate the tracked sets (fast mode) every N optimizer steps of every
     stage and write per-fact rows to the stage's retention.jsonl (null: off)"""
+    retention_sets: list[str] | None = None
+    """retention curves of these tracked sets only (null: every tracked set); each point costs
+    one teacher-forced pass per set"""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -166,6 +178,9 @@ class SetConfig:
     """unknown_to_model: keep only the facts the base model gets wrong few-shot (yet-to-learn)"""
     filter_shots: int = 4
     """filter: few-shot examples in the prompt, taken from items just after the selection"""
+    keep: int | None = None
+    """after max_tokens and filter: keep the first `keep` items (the paper keeps 2,000
+    yet-to-learn facts per set); fewer left is an error, never a smaller set"""
     params: Any = None
     """the source's own parameters (written flat beside `source` in YAML)"""
 
@@ -174,6 +189,8 @@ class SetConfig:
             raise ValueError(f"max_tokens: must be >= 8, got {self.max_tokens}")
         if self.filter_shots < 0:
             raise ValueError(f"filter_shots: must be >= 0, got {self.filter_shots}")
+        if self.keep is not None and self.keep < 1:
+            raise ValueError(f"keep: must be >= 1, got {self.keep}")
 
 
 @dataclass
@@ -333,6 +350,9 @@ class ExperimentConfig:
     variants: dict[str, Any] = field(default_factory=dict)
     """name -> dotted overrides ({} = the config as written); a `grid` key expands into
     one variant per combination, e.g. grid: {train.lr: [1e-5, 5e-5]}"""
+    baseline: str | None = None
+    """a variant every variant is compared with, fact by fact, after the last stage (paired
+    differences with 95% CIs in comparison.md); a variant may name its own baseline"""
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,7 +518,7 @@ def _parse_experiment(raw: dict[str, Any], path: str = "") -> ExperimentConfig:
         raise _Invalid("sets", "give at least one named set, e.g. sets: {kvr_a: {source: kvr, n: 32}}")
     if not isinstance(stages_raw, list) or not stages_raw:
         raise _Invalid("stages", "give a list of at least one stage, e.g. [{name: s1, set: kvr_a}]")
-    set_common = ("source", "n", "offset", "seed", "max_tokens", "filter", "filter_shots")
+    set_common = ("source", "n", "offset", "seed", "max_tokens", "filter", "filter_shots", "keep")
     sets = {str(k): _parse_with_source_params(SetConfig, v, f"sets.{k}", set_common)
             for k, v in sets_raw.items()}
     for name, s in sets.items():
@@ -580,6 +600,9 @@ def _check_references(cfg: ExperimentConfig) -> None:
     for j, t in enumerate(cfg.track):
         if t not in cfg.sets:
             raise _unknown_ref(f"track.{j}", t, names, "set")
+    for j, t in enumerate(cfg.eval.retention_sets or []):
+        if t not in cfg.track:
+            raise _unknown_ref(f"eval.retention_sets.{j}", t, cfg.track, "tracked set")
     if not cfg.seeds:
         raise _Invalid("seeds", "give at least one seed")
     if len(set(cfg.seeds)) != len(cfg.seeds):
@@ -753,6 +776,10 @@ def experiment_from_dict(
                 variants[name] = _parse_experiment(vraw)
             except _Invalid as e:
                 raise _Invalid(f"variants.{name}", str(e)) from None
+        for name, v in variants.items():
+            if v.baseline is not None and v.baseline not in variants:
+                where = "baseline" if v.baseline == base.baseline else f"variants.{name}.baseline"
+                raise _unknown_ref(where, v.baseline, list(variants), "variant")
     except _Invalid as e:
         raise ConfigError(f"{source}: {e}") from None
     return Experiment(source, raw, variants)

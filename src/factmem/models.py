@@ -124,7 +124,7 @@ def load_model(cfg: ModelConfig, path: str | None = None):
     from transformers import AutoModelForCausalLM
 
     path = path or resolve_model_path(cfg.name)
-    attn = cfg.attn_implementation or ("sdpa" if torch.cuda.is_available() else "eager")
+    attn = cfg.attn_implementation or "sdpa"
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from factmem.batch import ModelBatch, make_batch, target_logits
+from factmem.batch import ModelBatch, make_batch, pack_rows, target_logits
 from factmem.config import EvalConfig, TrainConfig
 from factmem.data import Example
 from factmem.evaluate import evaluate_examples, summarize
@@ -138,9 +138,9 @@ class MicroStep:
     owner: torch.Tensor  # [n_targets]: index into `items`
 
 
-def forward_targets(model, items: list[Encoded], pad_id: int, device, pack: bool = False
-                    ) -> MicroStep:
-    batch = make_batch(items, pad_id, pack).to(device)
+def forward_targets(model, items: list[Encoded], pad_id: int, device, pack: bool = False,
+                    pack_width: int | None = None) -> MicroStep:
+    batch = make_batch(items, pad_id, pack, pack_width).to(device)
     logits, gold, owner = target_logits(model, batch)
     return MicroStep(items, batch, logits, gold, owner)
 
@@ -209,9 +209,17 @@ def choose_layout(model, cfg: TrainConfig) -> bool:
 
 def layout_padding(lengths: Sequence[int], batches: list[list[int]], cfg: TrainConfig,
                    pack: bool) -> float:
-    if pack:
-        return 0.0
-    return padding_fraction(lengths, [m for b in batches for m in split_micro(b, cfg.grad_accum)])
+    """Share of the computed positions that are padding, as the micro-batches are laid out
+    (one process; other process counts split the same batches further)."""
+    micro = [m for b in batches for m in split_micro(b, cfg.grad_accum)]
+    if not pack:
+        return padding_fraction(lengths, micro)
+    real = padded = 0
+    for m in micro:
+        rows = pack_rows([lengths[i] for i in m], cfg.pack_width)
+        spans = [sum(lengths[m[i]] for i in r) for r in rows]
+        real, padded = real + sum(spans), padded + max(spans) * len(spans)
+    return 1 - real / padded if padded else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,7 +356,8 @@ class _Run:
             no_sync = acc.no_sync(ctx.model) if not sync and world > 1 else contextlib.nullcontext()
             with no_sync:
                 items = [self.data.encoded[i] for i in mb]
-                ctx.micro = forward_targets(ctx.model, items, self.pad_id, acc.device, self.pack)
+                ctx.micro = forward_targets(ctx.model, items, self.pad_id, acc.device, self.pack,
+                                            self.cfg.pack_width)
                 loss_sum, _, hits = step_loss(ctx.micro)
                 # DDP averages gradients over processes: scale back up by `world`
                 loss = self.with_extra(loss_sum * world / n_tokens, items, len(mb) / len(shard))
