@@ -98,3 +98,25 @@ def test_embedded_model_knows_capitals_not_fictional_entities(tmp_path, capsys):
     fictional = {f"jsonl:{i + 1}" for i, r in enumerate(rows) if r.get("known") is False}
     assert fictional <= set(saved["unknown"])
     assert len(known_lines & set(saved["known"])) >= 4
+
+
+def test_keep_takes_the_first_items_left_after_filtering(tiny_model_dir, tmp_path, monkeypatch):
+    from factmem.config import experiment_from_dict
+    from factmem.data import filter as filt
+    from factmem.errors import DataError
+    from factmem.experiment import SetCache
+
+    monkeypatch.setattr(filt, "DEFAULT_CACHE", tmp_path / "cache")
+    raw = {"model": {"name": str(tiny_model_dir)},
+           "sets": {"a": {"source": "entities", "n": 10, "filter": "unknown_to_model",
+                          "filter_shots": 2, "keep": 4}},
+           "stages": [{"name": "s1", "set": "a"}]}
+    cache = SetCache()
+    full = SetCache().sets(experiment_from_dict({**raw, "sets": {"a": {
+        **raw["sets"]["a"], "keep": None}}}).base)["a"]
+    got = cache.sets(experiment_from_dict(raw).base)["a"]
+    assert [e.id for e in got] == [e.id for e in full[:4]] and cache.reports["a"]["kept"] == 4
+    raw["sets"]["a"]["keep"] = len(full) + 1
+    with pytest.raises(DataError, match=f"sets.a: keep: {len(full) + 1} items asked for, "
+                                        f"{len(full)} left after filtering"):
+        SetCache().sets(experiment_from_dict(raw).base)

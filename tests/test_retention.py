@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import torch
 from accelerate import Accelerator
 
@@ -42,3 +44,20 @@ def test_retention_rows_every_n_steps(tiny_model_dir, tmp_path):
     first = [r["token_acc"] for r in rows if r["set"] == "a" and r["step"] == 0]
     last = [r["token_acc"] for r in rows if r["set"] == "a" and r["step"] == 6]
     assert sum(last) > sum(first)
+
+
+def test_retention_sets_limit_the_curves_to_the_named_sets(tmp_path):
+    from factmem.analysis.retention import retention_callbacks
+    from factmem.config import experiment_from_dict
+    from factmem.errors import ConfigError
+
+    raw = {"sets": {"a": {"source": "kvr", "n": 2}, "b": {"source": "kvr", "n": 2, "offset": 9}},
+           "stages": [{"name": "s1", "set": "a"}, {"name": "s2", "set": "b"}],
+           "eval": {"retention_every": 2, "retention_sets": ["a"]}}
+    cfg = experiment_from_dict(raw).base
+    tracked = {"a": ["x"], "b": ["y"]}
+    (cb,) = retention_callbacks(cfg, tracked, tmp_path, "s2", write=False)
+    assert list(cb.tracked) == ["a"]
+    raw["eval"]["retention_sets"] = ["c"]
+    with pytest.raises(ConfigError, match="eval.retention_sets.0: no tracked set named 'c'"):
+        experiment_from_dict(raw)

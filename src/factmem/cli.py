@@ -30,7 +30,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     print()
     print(to_markdown(summary))
-    print(f"Results: {summary['run_dir']}/summary.md (and summary.json)")
+    if "comparison" in summary:
+        from factmem.compare import to_markdown as comparison_markdown
+
+        print(comparison_markdown(summary["comparison"]))
+    print(f"Results: {summary['run_dir']}/summary.md (and summary.json"
+          + (", comparison.md" if "comparison" in summary else "") + ")")
     return 0
 
 

@@ -31,6 +31,7 @@ import yaml
 
 from factmem import io
 from factmem.analysis.retention import retention_callbacks
+from factmem.compare import comparison, write_comparison
 from factmem.config import Experiment, ExperimentConfig, SetConfig, to_dict
 from factmem.data import Example, build_source
 from factmem.errors import FactmemError
@@ -73,7 +74,7 @@ class SetCache:
         from factmem.data.filter import refine_set
 
         key = json.dumps(to_dict(cfg), sort_keys=True)
-        refine = cfg.max_tokens is not None or cfg.filter != "none"
+        refine = cfg.max_tokens is not None or cfg.filter != "none" or cfg.keep is not None
         if refine:  # the outcome depends on the model
             key += json.dumps(to_dict(self._model), sort_keys=True)
         if key not in self._cache:
@@ -220,6 +221,10 @@ def _run_locked(exp: Experiment, root: Path, cache: SetCache, tokenizer, acceler
     if accelerator.is_main_process:
         write_summary(root, summary)
         io.write_json(root / "timing.json", timings)
+        comp = comparison(root, exp)
+        if comp is not None:
+            write_comparison(root, comp)
+            summary["comparison"] = comp
     accelerator.wait_for_everyone()
     summary["run_dir"] = str(root)
     return summary

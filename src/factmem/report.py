@@ -21,6 +21,8 @@ from typing import Any
 
 from factmem import io
 from factmem.analysis.run import collect_graded, collect_retention, load_run, read_jsonl, stage_dirs
+from factmem.compare import load_comparison
+from factmem.compare import to_markdown as compare_markdown
 from factmem.errors import FactmemError
 
 log = logging.getLogger(__name__)
@@ -217,6 +219,50 @@ def fig_retention(data: RunData, out: Path) -> Path | None:
     return _save(fig, data, out / "retention.png")
 
 
+def fig_forgetting(data: RunData, out: Path) -> Path | None:
+    """The first stage's set during the last stage, per variant: mean exact match over seeds
+    (line) and the spread between seeds (band: min to max), one panel per baseline group."""
+    rows = data.tables.get("retention", [])
+    cfg = data.exp.base
+    if not rows or len(cfg.stages) < 2:
+        return None
+    watched, last = cfg.stages[0].set, cfg.stages[-1].name
+    rows = [r for r in rows if r["set"] == watched and r["stage"] == last]
+    if not rows:
+        return None
+    groups: dict[str, list[str]] = defaultdict(list)
+    for v in data.variants:
+        groups[data.exp.variants[v].baseline or "all variants"].append(v)
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.4), squeeze=False,
+                             sharey=True)
+    for ax, (base, variants) in zip(axes[0], groups.items()):
+        for k, v in enumerate(variants):
+            by_step: dict[int, list[float]] = defaultdict(list)
+            per = defaultdict(list)
+            for r in rows:
+                if r["variant"] == v:
+                    per[(r["seed"], r["step"])].append(bool(r["correct"]))
+            for (seed, step), hits in per.items():
+                by_step[step].append(_mean(hits))
+            steps = sorted(by_step)
+            if not steps:
+                continue
+            mean = [_mean(by_step[x]) for x in steps]
+            ax.plot(steps, mean, "-", color=f"C{k}", lw=1.6,
+                    label=f"{v} ({len(by_step[steps[0]])} seeds)")
+            ax.fill_between(steps, [min(by_step[x]) for x in steps],
+                            [max(by_step[x]) for x in steps], color=f"C{k}", alpha=0.15)
+        ax.set_title(f"compared with {base}" if base != "all variants" else base, fontsize=9)
+        ax.set_xlabel(f"optimizer step of {last}")
+        ax.set_ylim(-0.02, 1.05)
+        ax.legend(fontsize=7)
+    axes[0, 0].set_ylabel(f"{watched}: exact match")
+    fig.suptitle(f"Forgetting of {watched} during {last}: mean over seeds, band = min to max",
+                 fontsize=10)
+    return _save(fig, data, out / "forgetting.png")
+
+
 def fig_graded(data: RunData, out: Path) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(2, len(data.sets), figsize=(3.4 * len(data.sets), 5), squeeze=False)
@@ -393,6 +439,17 @@ def sections(data: RunData, figdir: Path) -> list[Section]:
                        "mean over seeds." + (f" Not finished (stages shown are those done): "
                                              f"{', '.join(partial)}." if partial else ""), ["variant", "after", *data.sets], acc_rows,
                        fig_accuracy(data, figdir)))
+    comp = load_comparison(data.root)
+    if comp is not None:
+        c_rows = [line.strip("|").split(" | ") for line in
+                  compare_markdown(comp).splitlines()[2:] if line.startswith("|")]
+        out.append(Section("Variants against their baseline", compare_markdown(comp)
+                           .strip().splitlines()[-1],
+                           ["variant", "vs", "set", "exact match %", "Δ exact match [95% CI]",
+                            "token acc", "Δ token acc [95% CI]", "gold log-prob",
+                            "Δ log-prob [95% CI]", "MDE (exact match)"],
+                           [[c.strip() for c in row] for row in c_rows],
+                           fig_forgetting(data, figdir)))
     out.append(Section("Retention curves", "Tracked sets evaluated every "
                        "`eval.retention_every` optimizer steps (solid: exact match, dashed: "
                        "teacher-forced token accuracy).", figure=fig_retention(data, figdir))

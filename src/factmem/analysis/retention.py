@@ -71,6 +71,8 @@ def retention_callbacks(cfg, tracked: dict[str, list[Example]], stage_dir: Path,
                         write: bool) -> list[StageCallback]:
     """The callbacks `cfg.eval.retention_every` asks for (none when it is null)."""
     every = cfg.eval.retention_every
+    if cfg.eval.retention_sets is not None:
+        tracked = {name: tracked[name] for name in cfg.eval.retention_sets}
     if not every or not tracked:
         return []
     return [RetentionCallback(tracked, every, stage_dir / RETENTION_FILE, stage,

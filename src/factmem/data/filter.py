@@ -137,7 +137,7 @@ def filter_unknown(
 
 def refine_set(name: str, cfg, examples: list[Example], model_cfg, tokenizer_fn,
                reports: dict[str, Any]) -> list[Example]:
-    """Apply a set config's `max_tokens` and `filter` (experiment.SetCache calls this)."""
+    """Apply a set config's `max_tokens`, `filter` and `keep` (experiment.SetCache calls this)."""
     from factmem.config import to_dict
     from factmem.models import Formatter
 
@@ -162,6 +162,13 @@ def refine_set(name: str, cfg, examples: list[Example], model_cfg, tokenizer_fn,
                  len(res.known) + len(keep), len(res.known))
         if not examples:
             raise DataError("the model already knows every item: nothing is left to learn")
+    if cfg.keep is not None:
+        if len(examples) < cfg.keep:
+            step = ("filtering" if cfg.filter != "none" else
+                    "max_tokens" if cfg.max_tokens is not None else "building")
+            raise DataError(f"keep: {cfg.keep} items asked for, {len(examples)} left after "
+                            f"{step} (of {report['built']} built); select more with `n`")
+        examples = examples[: cfg.keep]
     report["kept"] = len(examples)
     reports[name] = report
     return examples
