@@ -37,13 +37,21 @@ from factmem.errors import FactmemError
 from factmem.evaluate import evaluate_examples, forgetting, summarize
 from factmem.mixing import build_mixture
 from factmem.models import Formatter, describe, load_model, load_tokenizer
-from factmem.resume import (FiniteGuard, RunLock, StageCheckpointer, check_resumable,
-                            has_stage_weights, load_stage_weights, save_stage_weights)
+from factmem.plan import ComponentPlan, RunPlan, StagePlan, TokenCounter
 from factmem.results import summary_table, write_summary
+from factmem.resume import (
+    FiniteGuard,
+    RunLock,
+    StageCheckpointer,
+    check_resumable,
+    has_stage_weights,
+    load_stage_weights,
+    save_stage_weights,
+)
 from factmem.train import train_stage
 from factmem.train.lora import begin_stage, end_stage, is_adapter_model
 from factmem.train.regularizers import build_regularizers
-from factmem.validate import check_context, check_set, model_context
+from factmem.validate import check_set, model_context
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +122,25 @@ def safe_name(name: str) -> str:
     return out
 
 
-def prepare(exp: Experiment) -> tuple[SetCache, Any]:
+@dataclass
+class Prepared:
+    """What `prepare` hands the run: the built sets, the tokenizer and the plan it counted."""
+
+    cache: SetCache
+    tokenizer: Any
+    plan: RunPlan
+
+
+def prepare(exp: Experiment) -> Prepared:
     """Everything that can fail on bad input, before anything is written: build every set of
-    every variant, load the tokenizer, and tokenise every example that will be trained on."""
+    every variant and the mixture of every stage for every seed, load the tokenizer (not the
+    weights), and tokenise every example that will be trained on or evaluated. `--dry-run` runs
+    exactly this, so it refuses what the real run refuses; the counts become the run's plan."""
     cache = SetCache()
-    tokenizer = None
+    tokenizer, context = None, None
+    counters: dict[tuple[str | None, int], TokenCounter] = {}
+    plan = RunPlan(exp.name, exp.base.model.name)
+    first_use: dict[str, str] = {}  # stage key -> the variant/seed that trains it first
     for vname, cfg in exp.variants.items():
         sets = cache.sets(cfg)
         for name, examples in sets.items():
@@ -126,15 +148,27 @@ def prepare(exp: Experiment) -> tuple[SetCache, Any]:
         if tokenizer is None:
             tokenizer = load_tokenizer(cfg.model)
             context = model_context(cfg.model)
-        fmt = Formatter(tokenizer, cfg.model.system_prompt, cfg.model.max_length)
-        for k in range(len(cfg.stages)):
-            mixture = build_mixture(cfg, k, sets, cfg.seeds[0])
-            for ex in mixture.examples():
-                check_context(fmt.encode(ex), context)  # raises on over-long items, templates
+        fkey = (cfg.model.system_prompt, cfg.model.max_length)
+        if fkey not in counters:
+            counters[fkey] = TokenCounter(
+                Formatter(tokenizer, cfg.model.system_prompt, cfg.model.max_length), context)
+        count = counters[fkey]
+        for seed in cfg.seeds:  # mixing items are drawn per training seed: build every one
+            keys = stage_keys(cfg, seed)
+            for k, stage in enumerate(cfg.stages):
+                mixture = build_mixture(cfg, k, sets, seed)
+                reusable = stage.lora is None or stage.lora.merge  # as StageReuse.offer
+                plan.stages.append(StagePlan(
+                    vname, seed, stage.name,
+                    [ComponentPlan(c.role, c.name, len(c.examples), count.total(c.examples))
+                     for c in mixture.components],
+                    stage.train.batch_size, stage.train.stop.rule, stage.train.stop.epochs,
+                    reused_from=first_use.get(keys[k]) if reusable else None))
+                first_use.setdefault(keys[k], f"{vname}/seed{seed}")
         for name in cfg.track:
-            for ex in sets[name]:
-                check_context(fmt.encode(ex), context)
-    return cache, tokenizer
+            count.total(sets[name])
+            plan.tracked.setdefault(name, len(sets[name]))
+    return Prepared(cache, tokenizer, plan)
 
 
 def run_experiment(
@@ -145,7 +179,8 @@ def run_experiment(
 ) -> dict[str, Any]:
     from accelerate import Accelerator
 
-    cache, tokenizer = prepare(exp)
+    prepared = prepare(exp)
+    cache, tokenizer = prepared.cache, prepared.tokenizer
     base = exp.base
     root = Path(output_dir or base.output.dir) / safe_name(exp.name)
     accelerator = Accelerator()
@@ -157,6 +192,26 @@ def run_experiment(
         return _run_locked(exp, root, cache, tokenizer, accelerator, progress)
     finally:
         lock.release()
+
+
+def dry_run(exp: Experiment, output_dir: str | None = None, overwrite: bool = False
+            ) -> tuple[RunPlan, str]:
+    """`factmem run --dry-run`: every check the real run makes before it writes (the same
+    `prepare`, and the run directory read but not locked or written), and the plan. Returns the
+    plan and a line on what the run would do with its directory."""
+    plan = prepare(exp).plan
+    root = Path(output_dir or exp.base.output.dir) / safe_name(exp.name)
+    if not root.exists() or not any(root.iterdir()):
+        return plan, f"would write a new run directory {root}"
+    if overwrite:
+        return plan, f"would delete and rewrite the run directory {root} (--restart)"
+    resolved = {n: to_dict(c) for n, c in exp.variants.items()}
+    check_resumable(root, exp.raw, json.loads(json.dumps(resolved)))  # refuses a changed config
+    paths = RunPaths(root)
+    runs = [(v, s) for v, c in exp.variants.items() for s in c.seeds]
+    done = sum((paths.seed_dir(v, s) / "accuracy.json").is_file() for v, s in runs)
+    return plan, (f"would continue the run in {root}: {done} of {len(runs)} variant/seed runs "
+                  "finished (they are skipped)")
 
 
 def main_process_decides(accelerator, action) -> None:
