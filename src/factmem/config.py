@@ -288,6 +288,11 @@ class OutputConfig:
     checkpoint_every: int | None = 50
     """save a resumable in-stage checkpoint every N optimizer steps (null: only between stages;
     an interrupted stage then restarts from its beginning)"""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(
+        default_factory=list)
+    """experiment trackers (accelerate's) that get per-step loss, learning rate and token
+    accuracy, memorization checks, retention points and every stage's accuracy, one tracking run
+    per variant and seed; e.g. [tensorboard] (written under RUN_DIR/tensorboard/)"""
 
     def __post_init__(self) -> None:
         if self.checkpoint_every is not None and self.checkpoint_every < 1:

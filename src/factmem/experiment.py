@@ -39,15 +39,9 @@ from factmem.mixing import build_mixture
 from factmem.models import Formatter, describe, load_model, load_tokenizer
 from factmem.plan import ComponentPlan, RunPlan, StagePlan, TokenCounter
 from factmem.results import summary_table, write_summary
-from factmem.resume import (
-    FiniteGuard,
-    RunLock,
-    StageCheckpointer,
-    check_resumable,
-    has_stage_weights,
-    load_stage_weights,
-    save_stage_weights,
-)
+from factmem.resume import (FiniteGuard, RunLock, StageCheckpointer, check_resumable,
+                            has_stage_weights, load_stage_weights, save_stage_weights)
+from factmem.tracking import RunTracker, check_trackers
 from factmem.train import train_stage
 from factmem.train.lora import begin_stage, end_stage, is_adapter_model
 from factmem.train.regularizers import build_regularizers
@@ -136,6 +130,7 @@ def prepare(exp: Experiment) -> Prepared:
     every variant and the mixture of every stage for every seed, load the tokenizer (not the
     weights), and tokenise every example that will be trained on or evaluated. `--dry-run` runs
     exactly this, so it refuses what the real run refuses; the counts become the run's plan."""
+    check_trackers(sorted({t for cfg in exp.variants.values() for t in cfg.output.report_to}))
     cache = SetCache()
     tokenizer, context = None, None
     counters: dict[tuple[str | None, int], TokenCounter] = {}
@@ -293,6 +288,19 @@ def run_variant_seed(
         if reuse:
             reuse.finished(stage_keys(cfg, seed))
         return io.read_json(out / "accuracy.json")
+    # out = RUN_DIR/VARIANT/seedS; trackers log on the main process only
+    tracker = RunTracker(cfg.output.report_to, out.parents[1], cfg.name, safe_name(variant), seed,
+                         to_dict(cfg), enabled=accelerator.is_main_process)
+    try:
+        return _run_stages(cfg, variant, seed, sets, tokenizer, accelerator, out, progress, reuse,
+                           tracker)
+    finally:
+        tracker.finish()
+
+
+def _run_stages(cfg: ExperimentConfig, variant: str, seed: int, sets: dict[str, list[Example]],
+                tokenizer, accelerator, out: Path, progress: bool, reuse: StageReuse | None,
+                tracker: RunTracker) -> dict[str, Any]:
     set_seed(seed)
     fmt = Formatter(tokenizer, cfg.model.system_prompt, cfg.model.max_length)
     model = load_model(cfg.model)
@@ -301,13 +309,23 @@ def run_variant_seed(
     matrix: dict[str, dict[str, dict[str, float]]] = {}
     keys = stage_keys(cfg, seed)
     done = restore_finished(cfg, out, model, matrix)  # stages finished by an earlier run
+    reused = False
     if done >= 0 and reuse:
         reuse.offer(keys[done], model, matrix, out, done)
     elif reuse:
         done = reuse.restore(keys, model, matrix, out)  # stages already run
+        reused = done >= 0
         if done >= 0 and main:  # on disk too, so that a crash later on does not lose them
             save_stage_weights(model, stage_path(out, cfg, done) / "resume" / "final")
     model = accelerator.prepare(model)
+    offset = 0  # tracking: optimizer steps of this variant and seed before the current stage
+    if tracker.active and reused:  # copied stages were trained elsewhere: log them from files
+        tracker.log_eval(matrix[BASE_STAGE], 0)
+        for k in range(done + 1):
+            offset += tracker.log_stage_files(stage_path(out, cfg, k), k, offset)
+    elif tracker.active:  # continued run: the finished stages were logged by the earlier run
+        offset = sum(io.read_json(stage_path(out, cfg, k) / "metrics.json")["train"]["steps"]
+                     for k in range(done + 1))
 
     def evaluate_tracked(stage_name: str, stage_dir: Path) -> None:
         matrix[stage_name] = {}
@@ -325,6 +343,7 @@ def run_variant_seed(
         matrix[BASE_STAGE] = io.read_json(out / "00-base" / "metrics.json")["eval"]
     elif done < 0:
         evaluate_tracked(BASE_STAGE, out / "00-base")
+        tracker.log_eval(matrix[BASE_STAGE], 0)
         if main:
             io.write_json(out / "00-base" / "metrics.json", {"eval": matrix[BASE_STAGE],
                                                              "model": describe(model)})
@@ -344,8 +363,10 @@ def run_variant_seed(
         # order matters: the regularizers anchor (EWC Fisher, L2 weights, KL teacher) in their
         # on_stage_start, before `ckpt` restores mid-stage weights on resume, so a resumed stage
         # keeps the anchor of the model as it entered the stage (tests/reliability)
+        retention = retention_callbacks(cfg, tracked, stage_dir, stage.name, main)
         callbacks = [FiniteGuard(ckpt, f"{variant} seed{seed} {stage.name}"), *regularizers,
-                     *retention_callbacks(cfg, tracked, stage_dir, stage.name, main), ckpt]
+                     *retention, ckpt,
+                     tracker.callback(k, offset, retention[0] if retention else None)]
         result = train_stage(
             model, accelerator, fmt, mixture.examples(), stage.train, seed=seed,
             memorize_check=check, eval_cfg=cfg.eval,
@@ -353,6 +374,8 @@ def run_variant_seed(
         )
         model = end_stage(model, parts, accelerator)
         evaluate_tracked(stage.name, stage_dir)
+        offset += result.steps
+        tracker.log_eval(matrix[stage.name], offset)
         if main:
             if cfg.output.save_checkpoints:
                 save_checkpoint(accelerator.unwrap_model(model), tokenizer, stage_dir / "checkpoint")

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 STATE = "state.json"
 # Settings that change how a run is carried out but not what it computes: may differ on resume.
-OPERATIONAL_KEYS = ("output.checkpoint_every",)
+OPERATIONAL_KEYS = ("output.checkpoint_every", "output.report_to")
 
 
 class NumericalError(FactmemError):

@@ -164,6 +164,23 @@ def test_bad_input_is_refused_with_one_line_exit_2_and_nothing_written(case, mod
     assert not (tmp_path / "runs").exists() and not (tmp_path / "escaped").exists()
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_tracker_named_but_not_installed_is_refused_before_the_run(mode, tiny_model_dir,
+                                                                     tmp_path, capsys, monkeypatch):
+    import accelerate.tracking
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
+    cfg = write_config(tiny_model_dir, tmp_path)
+    args = ["run", str(cfg), "--no-progress", *MODES[mode], "--set", "output.report_to=[wandb]"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == ("factmem: error: output.report_to: 'wandb' is not installed (pip install "
+                   "wandb); installed trackers: none\n"), err
+    assert not (tmp_path / "runs").exists()
+    assert main([*args[:-1], "output.report_to=[tensorbored]"]) == 2  # not a tracker at all
+    assert "'tensorbored' is not one of 'tensorboard', 'wandb'" in capsys.readouterr().err
+
+
 def test_remote_code_is_never_run_without_trust_remote_code(tiny_model_dir, tmp_path, capsys):
     """A model directory that ships its own code: refused unless the config trusts it."""
     model = tmp_path / "custom-model"
