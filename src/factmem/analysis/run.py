@@ -64,7 +64,9 @@ def stage_dirs(cfg: ExperimentConfig, seed_dir: Path) -> list[tuple[str, str | N
     return out
 
 
-def load_run(run_dir: str | Path):
+def open_run(run_dir: str | Path) -> tuple[Path, Any]:
+    """(root, Experiment) of a run directory, for the instruments that read it (the public
+    `factmem.load_run` returns its results as tables instead)."""
     root = Path(run_dir)
     if not (root / "config.yaml").is_file():
         raise FactmemError(f"{root}: not a run directory (no config.yaml); "
@@ -83,7 +85,7 @@ def analyze(run_dir: str | Path, what: Sequence[str] = WHAT, block: int = 1,
 
     if block < 1:
         raise FactmemError("--block: must be >= 1")
-    root, exp = load_run(run_dir)
+    root, exp = open_run(run_dir)
     unknown = [v for v in variants if v not in exp.variants]
     if unknown:
         raise FactmemError(f"--variant: {unknown[0]!r} is not a variant of this run "
