@@ -23,6 +23,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     exp = load_experiment(args.config, args.set)
     if args.dry_run:
         plan, where = dry_run(exp, output_dir=args.output, overwrite=args.overwrite)
+        if not is_main_process():  # under `accelerate launch`: every process checks, one prints
+            return 0
         print(f"{args.config}: valid (every check of the real run passed; model "
               f"{exp.base.model.name}: tokenizer loaded, weights not); variants: "
               f"{', '.join(exp.variants)}; seeds: {exp.base.seeds}")
