@@ -61,3 +61,49 @@ def test_aliases_count_in_fast_mode(partly_trained):
     wrong_first = Example.qa(ex.id, ex.prompt, "zzz", aliases=[ex.target])
     assert evaluate_examples(model, fmt, [wrong_first])[0].correct
     assert not evaluate_examples(model, fmt, [Example.qa(ex.id, ex.prompt, "zzz")])[0].correct
+
+
+def test_generate_ignores_the_models_shipped_generation_config(partly_trained):
+    """A generation_config.json with a repetition penalty and n-gram blocking must not change
+    what greedy decoding means (transformers would apply them to every generate call)."""
+    model, fmt, facts = partly_trained
+    fast = [p.correct for p in evaluate_examples(model, fmt, facts, mode="fast", batch_size=16)]
+    shipped = model.generation_config
+    try:
+        model.generation_config = type(shipped)(**{**shipped.to_dict(), "no_repeat_ngram_size": 1,
+                                                   "repetition_penalty": 5.0})
+        gen = evaluate_examples(model, fmt, facts, mode="generate", batch_size=16,
+                                max_new_tokens=8)
+        assert model.generation_config.no_repeat_ngram_size == 1  # restored after the call
+    finally:
+        model.generation_config = shipped
+    assert [p.correct for p in gen] == fast and all(p.predicted_by == "generate" for p in gen)
+
+
+def test_generated_answers_are_decoded_without_space_clean_up(tiny_model_dir):
+    """Llama-3 tokenizers clean up spaces on decode (" ." -> "."): a memorized gold "ab ." must
+    still be predicted as "ab ." in generate mode, as fast mode sees it."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name=str(tiny_model_dir))
+    fmt = Formatter(load_tokenizer(cfg))
+    model = load_model(cfg)
+    fact = [Example.qa("x:0", "Say it", "ab .")]
+    train = TrainConfig(lr=1e-2, batch_size=1, warmup_fraction=0.0,
+                        stop=StopConfig(rule="until_memorized", epochs=60))
+    acc = Accelerator(cpu=True)
+    train_stage(acc.prepare(model), acc, fmt, fact, train, seed=0, progress=False)
+    fmt.tok.clean_up_tokenization_spaces = True
+    # transformers >= 5.2x skips the clean-up for BPE tokenizers unless forced; older releases
+    # (factmem accepts >= 4.46) ran it for Llama-3's BPE tokenizer: force it, as they did
+    fmt.tok.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    fast = evaluate_examples(model, fmt, fact, mode="fast")[0]
+    gen = evaluate_examples(model, fmt, fact, mode="generate", max_new_tokens=8)[0]
+    assert fast.correct and gen.correct and gen.prediction == "ab ."
+
+
+def test_answers_are_stripped_where_examples_are_made():
+    """A gold with a trailing space could never equal a stripped prediction in fast mode."""
+    ex = Example.qa("x:0", "q", "Paris ", aliases=[" paris", "", "Paris"])
+    assert ex.target == "Paris" and ex.answers == ("Paris", "paris")

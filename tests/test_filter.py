@@ -80,7 +80,10 @@ def test_task_sets_are_generated_and_report_rouge_and_loss(tiny_model_dir):
     preds = evaluate_examples(model, fmt, [task, fact], mode="fast", max_new_tokens=8)
     assert preds[0].rouge_l is not None and preds[1].rouge_l is None
     summary = summarize(preds)
-    assert summary["loss"] == pytest.approx(-summary["logprob"]) and "rouge_l" in summary
+    # the task loss is the mean NLL per answer token of the task items (not a mean of
+    # per-item means, nor mixed with the factoid's figures)
+    assert "rouge_l" in summary and preds[0].answer_tokens == len("2 + 3 = 5\n#### 5") + 1
+    assert summary["loss"] == pytest.approx(-preds[0].logprob)
 
 
 @pytest.mark.slow

@@ -45,7 +45,10 @@ def test_plain_template_when_the_tokenizer_has_none():
     fmt = Formatter(tok)
     enc = fmt.encode(Example.qa("x:0", "2+2?", "4"))
     assert tok.decode(enc.input_ids) == "User: 2+2?\nAssistant: 4<|im_end|>"
-    assert decode_labelled(tok, enc) == "4<|im_end|>"
+    # the answer segment starts with the space: a base model sees " 4" as running text would
+    # tokenise it, and the prompt does not end on a lone space
+    assert decode_labelled(tok, enc) == " 4<|im_end|>"
+    assert tok.decode(enc.input_ids[: enc.prompt_len]) == "User: 2+2?\nAssistant:"
 
 
 def test_multi_turn_puts_loss_on_every_assistant_turn(char_tokenizer):
@@ -90,3 +93,21 @@ def test_smollm2_template_without_default_system_prompt():
     assert "SmolLM" not in text
     assert len(enc) < 40
     assert decode_labelled(tok, enc) == "kc87to2e<|im_end|>"
+
+
+def test_plain_template_starts_with_bos_when_the_tokenizer_adds_one():
+    """Base models such as Llama-3-8B add BOS through their post-processor, not through an
+    `add_bos_token` flag: the plain template must still start with it."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = make_char_tokenizer(chat_template=None)
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, bos)])
+    assert tok("x")["input_ids"][0] == bos  # the tokenizer itself adds it
+    enc = Formatter(tok).encode(Example.qa("x:0", "2+2?", "4"))
+    assert enc.input_ids[0] == bos and enc.input_ids.count(bos) == 1
+    assert tok.decode(enc.input_ids[1 : enc.prompt_len]) == "User: 2+2?\nAssistant:"
+    # a tokenizer that adds nothing gets nothing
+    plain = Formatter(make_char_tokenizer(chat_template=None)).encode(Example.qa("x:0", "q", "a"))
+    assert plain.input_ids[0] != bos

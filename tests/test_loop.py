@@ -81,3 +81,52 @@ def test_gradient_accumulation_matches_one_batch(tiny_model_dir):
     assert abs(loss1 - loss4) < 1e-6
     for n in g1:
         torch.testing.assert_close(g1[n], g4[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_until_memorized_scores_as_the_evaluation_does(tiny_model_dir):
+    """With eval.match contains, a stage whose answers are contained in the trained text is
+    memorized as soon as the evaluation would say so, not at its epoch cap."""
+    from factmem.config import EvalConfig
+    from factmem.data import Example
+
+    facts = [Example(f"s:{i}", (("user", f"key {k}?"), ("assistant", f"it is {v}")), (v,))
+             for i, (k, v) in enumerate([("ab", "xy"), ("cd", "zw")])]
+    model, fmt = setup(tiny_model_dir)
+    acc = Accelerator(cpu=True)
+    cfg = TrainConfig(lr=1e-2, batch_size=2, warmup_fraction=0.0,
+                      stop=StopConfig(rule="until_memorized", epochs=80))
+    result = train_stage(acc.prepare(model), acc, fmt, facts, cfg, seed=0, progress=False,
+                         eval_cfg=EvalConfig(mode="generate", match="contains", max_new_tokens=12))
+    assert result.stop_reason.startswith("memorized") and result.epochs < 80
+
+
+def test_until_memorized_on_a_task_stage_watches_the_task_not_its_replay(tiny_model_dir,
+                                                                          tmp_path):
+    import json
+
+    import yaml
+
+    from factmem.cli import main
+
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"question": f"Add {i} and 1.", "answer": str(i + 1)})
+                            + "\n" for i in range(4)))
+    kv = {"source": "kvr", "n": 4, "key_length": 4, "value_length": 2}
+    cfg = {"name": "t", "model": {"name": str(tiny_model_dir)},
+           "train": {"lr": 1e-2, "batch_size": 4, "stop": {"rule": "until_memorized",
+                                                            "epochs": 3}},
+           "sets": {"a": kv, "t": {"source": "jsonl", "path": str(task), "kind": "task"}},
+           "stages": [{"name": "s1", "set": "a", "train": {"stop": {"rule": "epochs",
+                                                                     "epochs": 40}}},
+                      {"name": "s2", "set": "t", "replay": [{"stage": "s1", "ratio": 1}]}],
+           "output": {"dir": str(tmp_path / "runs")}}
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "runs/t/default/seed0/02-s2/metrics.json").read_text())
+    watch = metrics["train"]["memorize_check"]
+    assert watch["sets"] == ["t"] and watch["kinds"] == ["task"] and watch["n"] == 4
+    log = [json.loads(x) for x in (tmp_path / "runs/t/default/seed0/02-s2/train_log.jsonl")
+           .read_text().splitlines()]
+    checked = [r["memorized_accuracy"] for r in log if "memorized_accuracy" in r]
+    assert checked and checked[-1] == metrics["eval"]["t"]["accuracy"]  # the task set's figure

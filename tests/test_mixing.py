@@ -2,6 +2,8 @@
 
 from collections import Counter
 
+import pytest
+
 from factmem.config import experiment_from_dict
 from factmem.experiment import SetCache
 from factmem.mixing import build_mixture
@@ -51,3 +53,58 @@ def test_replay_larger_than_its_set_cycles_through_it():
     items = build_mixture(cfg, 1, sets, 0).components[1].examples
     assert len(items) == 10 and Counter(e.id for e in items).most_common(1)[0][1] == 3
     assert {e.id for e in items} == {e.id for e in sets["a"]}
+
+
+def two_stage(mix1: dict, mix2: dict, n: int = 32, seeds=(0,)):
+    raw = {
+        "name": "t", "seeds": list(seeds),
+        "sets": {"a": {"source": "kvr", "n": n}, "b": {"source": "kvr", "n": n, "offset": 500}},
+        "stages": [{"name": "s1", "set": "a", "mix": [mix1]},
+                   {"name": "s2", "set": "b", "mix": [mix2]}],
+    }
+    cfg = experiment_from_dict(raw).base
+    return cfg, SetCache().sets(cfg)
+
+
+def mix_ids(cfg, sets, stage, seed):
+    return [e.id for e in build_mixture(cfg, stage, sets, seed).components[1].examples]
+
+
+def test_built_in_generic_text_is_drawn_disjoint_across_stages_and_per_seed():
+    cfg, sets = two_stage({"source": "generic", "ratio": 2}, {"source": "generic", "ratio": 2})
+    s1, s2 = mix_ids(cfg, sets, 0, 0), mix_ids(cfg, sets, 1, 0)
+    assert len(s1) == len(s2) == 64 and not set(s1) & set(s2)  # never the same passage twice
+    assert set(mix_ids(cfg, sets, 0, 1)) != set(s1)  # another training seed, other passages
+    assert mix_ids(cfg, sets, 1, 0) == s2  # and the same again for the same seed
+
+
+def test_a_corpus_file_is_shuffled_per_seed_not_read_from_its_first_rows(tmp_path):
+    import json
+
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(f"w{d}x{i}" for i in range(120))}) + "\n"
+                            for d in range(60)))
+    mix = {"source": "fineweb", "path": str(path), "ratio": 0.5}
+    cfg, sets = two_stage(mix, mix)
+    s1, s2 = mix_ids(cfg, sets, 0, 0), mix_ids(cfg, sets, 1, 0)
+    assert len(s1) == 16 and not set(s1) & set(s2)
+    assert s1 != [f"fineweb:{i}" for i in range(16)]  # not the stream's first rows
+    assert mix_ids(cfg, sets, 0, 1) != s1
+
+
+def test_asking_more_than_a_pool_holds_is_one_line_naming_the_key():
+    from factmem.errors import DataError
+
+    cfg, sets = two_stage({"source": "generic", "ratio": 6}, {"source": "generic", "ratio": 6})
+    assert len(mix_ids(cfg, sets, 0, 0)) == 192  # stage 1 fits: 192 of 370
+    with pytest.raises(DataError) as err:
+        mix_ids(cfg, sets, 1, 0)  # stage 2 would need passages 192-384 of 370
+    msg = str(err.value)
+    assert msg.startswith("stages.1.mix.0: asks for 192 items of generic, but its pool holds 370")
+    assert "earlier draws of this run took 192" in msg and "\n" not in msg
+
+
+def test_amounts_round_half_up():
+    from factmem.mixing import amount
+
+    assert [amount(0.5, None, n) for n in (1, 3, 5)] == [1, 2, 3]  # round() would give 0, 2, 2

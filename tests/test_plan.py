@@ -55,3 +55,19 @@ def test_plan_of_an_early_stopping_rule_is_an_upper_bound(tiny_model_dir, tmp_pa
     out = capsys.readouterr().out
     assert "until_memorized, at most 5 epochs -> at most 10 steps" in out, out
     assert "at most 65 optimizer steps" in out, out  # naive 10+10, remix 15+15, replay 15
+
+
+def test_plan_counts_reference_label_padding_as_the_loop_does(tiny_model_dir, tmp_path):
+    """`label_padding: reference` pads every item to the stage's longest (labelled, trained on):
+    the plan counts each item at that width, as metrics.json's tokens do."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, variants={"remix": {
+        "stages.stage1.mix": [{"source": "random-words", "ratio": 1, "length": 4}]}},
+        train={"lr": 3e-3, "batch_size": 4, "label_padding": "reference",
+               "stop": {"rule": "epochs", "epochs": 1}})
+    plan = prepare(load_experiment(cfg)).plan
+    assert main(["run", str(cfg), "--no-progress"]) == 0
+    for k, s in enumerate(plan.stages):
+        stage_dir = tmp_path / "runs" / "tiny" / "remix" / "seed0" / f"{k + 1:02d}-{s.stage}"
+        train = json.loads((stage_dir / "metrics.json").read_text())["train"]
+        assert train["tokens"] == s.tokens == s.tokens_per_epoch
+        assert len({c.tokens // c.items for c in s.components}) == 1  # one width per stage

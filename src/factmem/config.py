@@ -60,7 +60,11 @@ class StopConfig:
     threshold: float = 1e-4
     """loss_below: the loss threshold"""
     patience: int = 10
-    """loss_below: consecutive optimizer steps the loss must stay under the threshold"""
+    """loss_below: optimizer steps with the loss under the threshold before the stage stops"""
+    count: Literal["consecutive", "cumulative"] = "consecutive"
+    """loss_below: `consecutive` steps (a step above the threshold resets the count), or
+    `cumulative` (every low-loss step counts and the count never resets: the paper's reference
+    code, configs/paper/*.yaml)"""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -89,6 +93,17 @@ class TrainConfig:
     """examples per optimizer step (global: across processes and accumulation)"""
     grad_accum: int = 1
     """micro-batches per optimizer step; batch_size must divide evenly"""
+    batching: Literal["mixed", "length_grouped"] = "mixed"
+    """mixed: every batch carries the stage's mixture (each component in proportion to its
+    size, as the paper's uniform shuffle); length_grouped: items of similar length share a
+    batch, which keeps facts and long mixed passages apart and so CHANGES what mixing does"""
+    packing: bool = True
+    """pack each micro-batch's items into one row (position_ids restart per item, attention
+    stays inside an item): no padding; false pads every item to the micro-batch's longest"""
+    label_padding: Literal["ignore", "reference"] = "ignore"
+    """ignore: only assistant tokens carry loss; reference: the paper's reference code, every
+    item padded to the stage's longest with labelled end-of-sequence tokens (an ablation: it
+    dilutes the facts' share of the loss)"""
     stop: StopConfig = field(default_factory=StopConfig)
     """when the stage ends"""
 

@@ -6,19 +6,36 @@ of the logits is the gold token, the end-of-turn token included (greedy would th
 those tokens and stop). One teacher-forced forward pass decides it for a whole batch. Each alias
 is checked the same way, so any alias counts. The same pass yields graded retention figures:
 teacher-forced token accuracy and the gold answer's mean log-probability.
+
+Fast and generate verdicts. Fast mode asks whether greedy decoding reproduces the gold answer's
+OWN tokens; generate compares the decoded text after `strip().lower()`. Where the gold is
+itself in normalised form (answers are stripped where examples are made) the two agree on every
+answer the model was trained to reproduce (tests/test_evaluate.py, test_embedded_agreement.py).
+What remains, and makes fast mode stricter: a model whose greedy output differs from the gold's
+tokens but normalises to the same string (other letter case, extra whitespace or a newline
+before end-of-turn, another tokenization of the same text) is wrong for fast and right for
+generate. Score answers the model was not trained on verbatim with `eval.mode: generate`.
+
+Generate mode decodes greedily under a neutral generation config (no repetition penalty, no
+n-gram blocking, whatever the model's generation_config.json ships) and decodes the tokens
+without `clean_up_tokenization_spaces` (which rewrites " 's" and " ." for Llama-3 tokenizers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from factmem.batch import pad_batch
 from factmem.data.examples import Example
 from factmem.models import Encoded, Formatter
 from factmem.scoring import match_answer, rouge_l
+
+__all__ = ["Prediction", "evaluate_examples", "forgetting", "is_match", "pad_batch", "summarize"]
 
 
 def normalize(text: str) -> str:
@@ -43,25 +60,15 @@ class Prediction:
     correct: bool
     token_acc: float  # teacher-forced, on the first answer (fast mode)
     logprob: float  # mean log-probability of the first answer's tokens (fast mode)
+    answer_tokens: int  # tokens of the first answer (end-of-turn included)
+    # where `prediction` comes from: "generate" (what greedy decoding printed), or
+    # "teacher_forced_argmax" (fast mode: the argmax at each gold position, given the gold
+    # prefix; equal to greedy's output when `correct`, not necessarily when wrong)
+    predicted_by: str
     rouge_l: float | None = None  # task sets: ROUGE-L F1 of the generated text vs the target
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
-
-
-def pad_batch(items: Sequence[Encoded], pad_id: int, left: bool = False):
-    """(input_ids, attention_mask, labels) padded to the batch's longest item only."""
-    width = max(len(e) for e in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    labels = torch.full((len(items), width), -100, dtype=torch.long)
-    for i, e in enumerate(items):
-        n = len(e)
-        sl = slice(width - n, width) if left else slice(0, n)
-        ids[i, sl] = torch.tensor(e.input_ids)
-        mask[i, sl] = 1
-        labels[i, sl] = torch.tensor(e.labels)
-    return ids, mask, labels
 
 
 def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -88,7 +95,8 @@ def answer_logits(model, ids: torch.Tensor, mask: torch.Tensor, first: int):
 
 @torch.no_grad()
 def teacher_forced(model, items: Sequence[Encoded], pad_id: int, batch_size: int):
-    """Per item: (all argmax == gold, token accuracy, mean gold log-prob, argmax ids)."""
+    """Per item: (all argmax == gold, token accuracy, mean gold log-prob, argmax ids, answer
+    token count)."""
     device = next(model.parameters()).device
     out: list[Any] = [None] * len(items)
     for batch in _length_batches([len(e) for e in items], batch_size):
@@ -104,8 +112,37 @@ def teacher_forced(model, items: Sequence[Encoded], pad_id: int, batch_size: int
             argmax = step_logits.argmax(-1)
             hits = argmax == gold
             logp = torch.log_softmax(step_logits, -1).gather(1, gold[:, None]).mean()
-            out[i] = (bool(hits.all()), hits.float().mean().item(), logp.item(), argmax.tolist())
+            out[i] = (bool(hits.all()), hits.float().mean().item(), logp.item(), argmax.tolist(),
+                      len(gold))
     return out
+
+
+@contextlib.contextmanager
+def neutral_generation(model, fmt: Formatter) -> Iterator[Any]:
+    """Greedy decoding as the definition of exact match: the model's own generation_config.json
+    (a shipped repetition_penalty, no_repeat_ngram_size, bad words, forced tokens, ...) is set
+    aside for the call. transformers fills every unset field of the config passed to `generate`
+    from `model.generation_config`, so that one is replaced by a fresh config, then restored."""
+    from transformers import GenerationConfig
+
+    saved = getattr(model, "generation_config", None)
+    neutral = GenerationConfig(
+        do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        eos_token_id=fmt.eos_id, pad_token_id=fmt.tok.pad_token_id,
+        bos_token_id=fmt.tok.bos_token_id, use_cache=True,
+    )
+    model.generation_config = neutral
+    try:
+        yield neutral
+    finally:
+        if saved is not None:
+            model.generation_config = saved
+
+
+def decode_answer(fmt: Formatter, ids: Sequence[int]) -> str:
+    """The text of answer tokens: special tokens dropped, no clean-up of spaces (which would
+    turn a gold "it 's" into "it's")."""
+    return fmt.tok.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 @torch.no_grad()
@@ -117,16 +154,15 @@ def generate_answers(model, fmt: Formatter, items: Sequence[Encoded], batch_size
     prompts = [Encoded(e.id, e.input_ids[: e.prompt_len], [-100] * e.prompt_len, e.prompt_len)
                for e in items]
     texts: list[str] = [""] * len(items)
-    for batch in _length_batches([len(p) for p in prompts], batch_size):
-        ids, mask, _ = pad_batch([prompts[i] for i in batch], tok.pad_token_id, left=True)
-        longest_gold = max(len(items[i]) - items[i].prompt_len for i in batch)
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-            max_new_tokens=max(max_new_tokens, longest_gold + 1), eos_token_id=fmt.eos_id,
-            pad_token_id=tok.pad_token_id, use_cache=True,
-        )
-        for row, i in enumerate(batch):
-            texts[i] = tok.decode(out[row, ids.shape[1] :], skip_special_tokens=True)
+    with neutral_generation(model, fmt) as gen_cfg:
+        for batch in _length_batches([len(p) for p in prompts], batch_size):
+            ids, mask, _ = pad_batch([prompts[i] for i in batch], tok.pad_token_id, left=True)
+            longest_gold = max(len(items[i]) - items[i].prompt_len for i in batch)
+            gen_cfg.max_new_tokens = max(max_new_tokens, longest_gold + 1)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 generation_config=gen_cfg)
+            for row, i in enumerate(batch):
+                texts[i] = decode_answer(fmt, out[row, ids.shape[1] :].tolist())
     return texts
 
 
@@ -135,6 +171,7 @@ def evaluate_examples(
     max_new_tokens: int = 64, match: str = "exact",
 ) -> list[Prediction]:
     """Score every example: exact match (any alias), plus graded figures on the first answer."""
+    gen: list[int] = []
     was_training = model.training
     model.eval()
     try:
@@ -168,11 +205,13 @@ def evaluate_examples(
             raise ValueError(f"unknown eval mode {mode!r}")
     finally:
         model.train(was_training)
+    generated = set(range(len(examples))) if mode == "generate" else set(gen)
     return [
         Prediction(ex.id, ex.prompt, list(ex.answers), text, bool(ok), round(g[1], 6),
-                   round(g[2], 6),
+                   round(g[2], 6), g[4],
+                   "generate" if i in generated else "teacher_forced_argmax",
                    round(rouge_l(text, ex.target), 6) if ex.kind == "task" else None)
-        for ex, text, ok, g in zip(examples, texts, correct, graded)
+        for i, (ex, text, ok, g) in enumerate(zip(examples, texts, correct, graded))
     ]
 
 
@@ -185,7 +224,7 @@ def needs_generation(ex: Example, default_match: str = "exact") -> bool:
 def _decode_until_eos(fmt: Formatter, ids: list[int]) -> str:
     if fmt.eos_id in ids:
         ids = ids[: ids.index(fmt.eos_id)]
-    return fmt.tok.decode(ids, skip_special_tokens=True)
+    return decode_answer(fmt, ids)
 
 
 def summarize(preds: Sequence[Prediction]) -> dict[str, float]:
@@ -197,9 +236,11 @@ def summarize(preds: Sequence[Prediction]) -> dict[str, float]:
         "n": n,
     }
     rouge = [p.rouge_l for p in preds if p.rouge_l is not None]
-    if rouge:  # task sets: ROUGE-L and the teacher-forced loss (mean gold-token NLL)
-        out["rouge_l"] = sum(rouge) / len(rouge)
-        out["loss"] = -out["logprob"]
+    if rouge:  # task sets: ROUGE-L and the teacher-forced loss, the mean NLL per gold token
+        out["rouge_l"] = sum(rouge) / len(rouge)  # (long answers weigh more, as in training)
+        tasks = [p for p in preds if p.rouge_l is not None]
+        tokens = sum(p.answer_tokens for p in tasks)
+        out["loss"] = -sum(p.logprob * p.answer_tokens for p in tasks) / tokens
     return out
 
 

@@ -37,7 +37,7 @@ from factmem.errors import FactmemError
 from factmem.evaluate import evaluate_examples, forgetting, summarize
 from factmem.mixing import build_mixture
 from factmem.models import Formatter, describe, load_model, load_tokenizer
-from factmem.plan import ComponentPlan, RunPlan, StagePlan, TokenCounter
+from factmem.plan import RunPlan, TokenCounter, plan_stage
 from factmem.results import summary_table, write_summary
 from factmem.resume import (FiniteGuard, RunLock, StageCheckpointer, check_resumable,
                             has_stage_weights, load_stage_weights, save_stage_weights)
@@ -151,17 +151,18 @@ def prepare(exp: Experiment) -> Prepared:
         for seed in cfg.seeds:  # mixing items are drawn per training seed: build every one
             keys = stage_keys(cfg, seed)
             for k, stage in enumerate(cfg.stages):
-                mixture = build_mixture(cfg, k, sets, seed)
+                try:
+                    mixture = build_mixture(cfg, k, sets, seed)
+                except FactmemError as e:
+                    where = f"variants.{vname}: " if len(exp.variants) > 1 else ""
+                    raise type(e)(f"{exp.source}: {where}{e}") from None
                 reusable = stage.lora is None or stage.lora.merge  # as StageReuse.offer
-                plan.stages.append(StagePlan(
-                    vname, seed, stage.name,
-                    [ComponentPlan(c.role, c.name, len(c.examples), count.total(c.examples))
-                     for c in mixture.components],
-                    stage.train.batch_size, stage.train.stop.rule, stage.train.stop.epochs,
+                plan.stages.append(plan_stage(
+                    vname, seed, stage, mixture, count,
                     reused_from=first_use.get(keys[k]) if reusable else None))
                 first_use.setdefault(keys[k], f"{vname}/seed{seed}")
         for name in cfg.track:
-            count.total(sets[name])
+            count.lengths(sets[name])  # tokenised and checked: evaluated after every stage
             plan.tracked.setdefault(name, len(sets[name]))
     return Prepared(cache, tokenizer, plan)
 
@@ -354,8 +355,12 @@ def _run_stages(cfg: ExperimentConfig, variant: str, seed: int, sets: dict[str, 
         mixture = build_mixture(cfg, k, sets, seed)
         if main:
             io.write_json(stage_dir / "manifest.json", mixture.manifest())
-        trained = (stage.set, *stage.joint)
-        check = [e for n in trained for e in sets[n] if e.kind == "factoid"] or None
+        check = memorization_set(cfg, k, sets)
+        watch = memorization_watch(cfg, k, check).get("memorize_check")
+        if watch and "task" in watch["kinds"]:
+            log.info("%s: until_memorized waits for 100%% on the task set %s (%s match, %s mode, "
+                     "%d items), at most %d epochs", stage.name, ", ".join(watch["sets"]),
+                     watch["match"], watch["mode"], watch["n"], stage.train.stop.epochs)
         model, parts = begin_stage(model, stage, accelerator)  # LoRA, freezing
         regularizers = build_regularizers(stage, previous_factoids(cfg, k, sets),
                                           mixture.ids("mix"), stage_dir if main else None)
@@ -371,6 +376,7 @@ def _run_stages(cfg: ExperimentConfig, variant: str, seed: int, sets: dict[str, 
             model, accelerator, fmt, mixture.examples(), stage.train, seed=seed,
             memorize_check=check, eval_cfg=cfg.eval,
             desc=f"{variant} seed{seed} {stage.name}", progress=progress, callbacks=callbacks,
+            groups=mixture.groups(),
         )
         model = end_stage(model, parts, accelerator)
         evaluate_tracked(stage.name, stage_dir)
@@ -383,8 +389,8 @@ def _run_stages(cfg: ExperimentConfig, variant: str, seed: int, sets: dict[str, 
             save_stage_weights(accelerator.unwrap_model(model), stage_dir / "resume" / "final")
             io.write_jsonl(stage_dir / "train_log.jsonl", result.log)
             io.write_json(stage_dir / "metrics.json",
-                          {"train": result.to_json(), "eval": matrix[stage.name],
-                           "seconds": round(result.seconds, 2),
+                          {"train": {**result.to_json(), **memorization_watch(cfg, k, check)},
+                           "eval": matrix[stage.name], "seconds": round(result.seconds, 2),
                            **baseline_metrics(regularizers, parts.info)})
             ckpt.clear()
             if k > 0:  # only the last finished stage's weights are needed to continue
@@ -428,6 +434,25 @@ def restore_finished(cfg: ExperimentConfig, out: Path, model, matrix: dict) -> i
         matrix[cfg.stages[k].name] = io.read_json(stage_path(out, cfg, k) / "metrics.json")["eval"]
     log.info("%s: stages 1-%d finished earlier; continuing from %s", out, last + 1, weights)
     return last
+
+
+def memorization_set(cfg: ExperimentConfig, k: int, sets: dict[str, list[Example]]
+                     ) -> list[Example]:
+    """What `until_memorized` watches in stage k: the stage's own set and its joint sets, every
+    item of them (a task set too: then 100% by the evaluation's match on the task), never the
+    mixing or replay items."""
+    stage = cfg.stages[k]
+    return [e for n in (stage.set, *stage.joint) for e in sets[n]]
+
+
+def memorization_watch(cfg: ExperimentConfig, k: int, check: list[Example]) -> dict[str, Any]:
+    """The metrics entry naming what `until_memorized` waited for (empty for other rules)."""
+    stage = cfg.stages[k]
+    if stage.train.stop.rule != "until_memorized":
+        return {}
+    kinds = sorted({e.kind for e in check})
+    return {"memorize_check": {"sets": [stage.set, *stage.joint], "n": len(check),
+                               "kinds": kinds, "match": cfg.eval.match, "mode": cfg.eval.mode}}
 
 
 def previous_factoids(cfg: ExperimentConfig, k: int, sets: dict[str, list[Example]]):

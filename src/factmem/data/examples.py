@@ -34,7 +34,12 @@ class Example:
         kind: Kind = "factoid",
         **meta: Any,
     ) -> Example:
-        answers = (answer, *[a for a in aliases if a != answer])
+        # Answers are stripped where they are made: predictions are compared after `strip()`, so
+        # a gold with a trailing space would be trained (and checked token by token in fast
+        # mode) as something no stripped prediction can equal.
+        answer = answer.strip()
+        answers = (answer, *dict.fromkeys(a.strip() for a in aliases
+                                         if a.strip() and a.strip() != answer))
         return cls(id, (("user", prompt), ("assistant", answer)), answers, kind, dict(meta))
 
     @property

@@ -3,8 +3,11 @@ accelerate. Reads top to bottom: setup -> epochs of steps -> stop rule -> result
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,12 +15,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from factmem.batch import ModelBatch, make_batch, target_logits
 from factmem.config import EvalConfig, TrainConfig
 from factmem.data import Example
-from factmem.evaluate import answer_logits, evaluate_examples, pad_batch, summarize
+from factmem.evaluate import evaluate_examples, summarize
 from factmem.models import Encoded, Formatter
-from factmem.train.batching import length_grouped_batches, padding_fraction, split_micro
+from factmem.batch import packing_supported
+from factmem.train.batching import padding_fraction, split_micro, stage_batches
 from factmem.train.stopping import StopRule
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,8 +34,9 @@ class StageResult:
     stop_reason: str
     final_loss: float
     memorized_epoch: int | None  # first epoch after which the stage's set was 100% (if checked)
-    padding_fraction: float  # mean over epochs
+    padding_fraction: float  # share of computed positions that were padding, mean over epochs
     tokens: int  # tokens processed (padding excluded)
+    layout: str  # packed (one row per micro-batch) or padded
     seconds: float
     log: list[dict[str, Any]] = field(default_factory=list)  # one row per optimizer step
 
@@ -56,6 +64,8 @@ class StageContext:
     tokens: int = 0  # tokens processed so far (padding excluded)
     position: int = 0  # batches of `epoch` finished (the data order is a function of seed, epoch)
     batch_ids: list[str] = field(default_factory=list)  # example ids of the current step's batch
+    batch_items: list[Encoded] = field(default_factory=list)  # the step's global batch, encoded
+    micro: MicroStep | None = None  # the micro-batch being trained (set before `extra_loss`)
     resume: ResumePoint | None = None  # set in on_stage_start by a callback that restores a stage
 
 
@@ -80,7 +90,11 @@ class StageCallback:
 
     def extra_loss(self, ctx: StageContext, items: list[Encoded], share: float) -> torch.Tensor | None:
         """A term added to a micro-batch's loss before backward. `share` is the micro-batch's
-        fraction of this process's batch: a per-step penalty P should return P * share."""
+        fraction of this process's batch: a per-step penalty P should return P * share (a
+        process with no items of the step is called once with `items=[]` and share 1).
+        A per-token term should sum over `ctx.micro`'s positions and divide by its count over
+        the whole step (`ctx.batch_items`), times the process count (DDP averages gradients),
+        as the answer loss does. `ctx.micro` holds the micro-batch's logits at its targets."""
         return None
 
     def on_before_optimizer_step(self, ctx: StageContext) -> None:
@@ -112,20 +126,96 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
     return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
 
-def batch_loss(model, items: list[Encoded], pad_id: int, device) -> tuple[torch.Tensor, int, int]:
-    """Summed token cross-entropy over assistant tokens (labels != -100), its token count, and
-    the number of argmax hits. Padding and prompt tokens never enter the loss."""
-    ids, mask, labels = pad_batch(items, pad_id)
-    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-    first = min(e.prompt_len for e in items) - 1  # no position before it predicts an answer
-    logits, positions = answer_logits(model, ids, mask, first)
-    targets = labels[:, positions + 1]
-    keep = targets != -100
-    picked = logits[keep].float()  # [n_answer_tokens, vocab]
-    gold = targets[keep]
-    loss_sum = F.cross_entropy(picked, gold, reduction="sum")
-    hits = int((picked.argmax(-1) == gold).sum())
-    return loss_sum, int(keep.sum()), hits
+@dataclass
+class MicroStep:
+    """A micro-batch's forward: its items, the model batch, and the logits at its target
+    positions (with gradient), for callbacks that add terms on the same positions."""
+
+    items: list[Encoded]
+    batch: ModelBatch
+    logits: torch.Tensor  # [n_targets, vocab]
+    gold: torch.Tensor  # [n_targets]
+    owner: torch.Tensor  # [n_targets]: index into `items`
+
+
+def forward_targets(model, items: list[Encoded], pad_id: int, device, pack: bool = False
+                    ) -> MicroStep:
+    batch = make_batch(items, pad_id, pack).to(device)
+    logits, gold, owner = target_logits(model, batch)
+    return MicroStep(items, batch, logits, gold, owner)
+
+
+def step_loss(micro: MicroStep) -> tuple[torch.Tensor, int, int]:
+    """Summed token cross-entropy over every labelled token (all assistant turns), the number
+    of those tokens, and the argmax hits among them. Prompt and padding never enter the loss."""
+    picked = micro.logits.float()  # [n_targets, vocab]
+    loss_sum = F.cross_entropy(picked, micro.gold, reduction="sum")
+    hits = int((picked.argmax(-1) == micro.gold).sum())
+    return loss_sum, int(micro.gold.numel()), hits
+
+
+def batch_loss(model, items: list[Encoded], pad_id: int, device, pack: bool = False
+               ) -> tuple[torch.Tensor, int, int]:
+    """`step_loss` of one forward over `items`."""
+    return step_loss(forward_targets(model, items, pad_id, device, pack))
+
+
+
+# --------------------------------------------------------------------------------------------
+# A stage's items, tokenised once
+
+
+@dataclass
+class StageItems:
+    encoded: list[Encoded]
+    groups: list[int]  # component of each item (0 = the stage's own set)
+    lengths: list[int]
+
+    @classmethod
+    def build(cls, fmt: Formatter, examples: list[Example], groups: Sequence[int] | None,
+              label_padding: str) -> StageItems:
+        encoded = [fmt.encode(e) for e in examples]
+        if label_padding == "reference":
+            encoded = reference_label_padding(encoded, fmt.eos_id)
+        groups = list(groups) if groups is not None else [0] * len(encoded)
+        if len(groups) != len(encoded):
+            raise ValueError("one group per example")
+        return cls(encoded, groups, [len(e) for e in encoded])
+
+
+def reference_label_padding(items: list[Encoded], eos_id: int) -> list[Encoded]:
+    """What the paper's reference code trains on (`train.label_padding: reference`): every item
+    right-padded to the longest item of the whole stage with the end-of-sequence id, and the
+    padding LABELLED with that id (its pad id is eos, and it pads labels with the pad id instead
+    of -100). In a REMIX stage a 34-token fact then carries 100+ labelled eos tokens, and facts
+    are a few percent of the loss. The padding is attended, as there (right padding: real tokens
+    never see it)."""
+    width = max(len(e) for e in items)
+    return [Encoded(e.id, e.input_ids + [eos_id] * (width - len(e)),
+                    e.labels + [eos_id] * (width - len(e)), e.prompt_len) for e in items]
+
+
+def choose_layout(model, cfg: TrainConfig) -> bool:
+    """True: pack each micro-batch into one row. Falls back to padding, with a log line, where
+    the model's attention does not keep packed items apart."""
+    if not cfg.packing:
+        return False
+    if packing_supported(model):
+        return True
+    log.warning("packing: %s does not keep packed items apart (its attention ignores packed "
+                "position_ids); padding each micro-batch instead", type(model).__name__)
+    return False
+
+
+def layout_padding(lengths: Sequence[int], batches: list[list[int]], cfg: TrainConfig,
+                   pack: bool) -> float:
+    if pack:
+        return 0.0
+    return padding_fraction(lengths, [m for b in batches for m in split_micro(b, cfg.grad_accum)])
+
+
+# --------------------------------------------------------------------------------------------
+# The stage loop
 
 
 def train_stage(
@@ -140,133 +230,164 @@ def train_stage(
     desc: str = "train",
     progress: bool = True,
     callbacks: list[StageCallback] | None = None,
+    groups: Sequence[int] | None = None,
 ) -> StageResult:
     """Train `model` (already `accelerator.prepare`d) on `examples` until the stop rule says so.
 
-    `memorize_check` is the set whose exact match `until_memorized` watches: the stage's own
-    factoids, not the mixing data (default: the factoid examples among `examples`)."""
+    `groups[i]` names the mixture component of example i (0 = the stage's own set; default: one
+    component). `memorize_check` is the set that `until_memorized` watches, scored as the
+    evaluation scores it (`eval_cfg.match`): the stage's own set (default: `examples`)."""
     start = time.perf_counter()
-    if memorize_check is None:
-        memorize_check = [e for e in examples if e.kind == "factoid"]
-    encoded = [fmt.encode(e) for e in examples]  # tokenised once for the whole stage
-    lengths = [len(e) for e in encoded]
+    data = StageItems.build(fmt, examples, groups, cfg.label_padding)  # tokenised once
     rule = StopRule(cfg.stop)
-    steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(data.encoded) / cfg.batch_size)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * rule.max_epochs)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    pad_id = fmt.tok.pad_token_id
+    pack = choose_layout(accelerator.unwrap_model(model), cfg)
     eval_cfg = eval_cfg or EvalConfig()
-
+    check = memorize_check if memorize_check is not None else examples
     callbacks = callbacks or []
     ctx = StageContext(model, accelerator, fmt, cfg, optimizer, scheduler, rule)
-    log = ctx.log
-    step, tokens, pad_fracs, loss_value = 0, 0, [], float("nan")
-    memorized_epoch = None
-    em = None
+    run = _Run(ctx, data, seed, pack, callbacks, progress, desc)
     model.train()
     for cb in callbacks:
         cb.on_stage_start(ctx)
-    first_epoch, resume = 1, ctx.resume
-    if resume is not None:  # a checkpoint was restored: continue exactly where it was taken
-        first_epoch, step = resume.epoch, ctx.step
-        tokens, memorized_epoch, loss_value = resume.tokens, resume.memorized_epoch, resume.loss
-        pad_fracs = [padding_fraction(lengths, length_grouped_batches(lengths, cfg.batch_size,
-                                                                      seed, e))
-                     for e in range(1, first_epoch)]
+    first_epoch = run.restore()
     last_epoch = first_epoch - 1 if rule.state.stopped else rule.max_epochs
     for epoch in range(first_epoch, last_epoch + 1):
-        ctx.epoch = epoch
-        batches = length_grouped_batches(lengths, cfg.batch_size, seed, epoch)
-        pad_fracs.append(padding_fraction(lengths, batches))
-        skip = resume.position if resume is not None and epoch == resume.epoch else 0
-        ctx.position = skip
-        bar = tqdm(batches[skip:], desc=f"{desc} epoch {epoch}/{rule.max_epochs}", leave=False,
-                   disable=not (progress and accelerator.is_main_process), mininterval=0.5,
-                   dynamic_ncols=True)
-        for batch in bar:
-            # Every process sees the same global batch and takes its share; the loss is
-            # normalised by the global number of answer tokens, so any process count or
-            # accumulation setting computes the same gradient.
-            shard = batch[rank::world]
-            ctx.batch_ids = [encoded[i].id for i in batch]
-            micro = split_micro(shard, cfg.grad_accum)
-            n_tokens = sum(sum(1 for x in encoded[i].labels[1:] if x != -100) for i in batch)
-            loss_total, hits_total = 0.0, 0
-            for j, mb in enumerate(micro):
-                sync = j == len(micro) - 1
-                sync_ctx = accelerator.no_sync(model) if not sync and world > 1 else _nullcontext()
-                with sync_ctx:
-                    items = [encoded[i] for i in mb]
-                    loss_sum, _, hits = batch_loss(model, items, pad_id, accelerator.device)
-                    # DDP averages gradients over processes: scale back up by `world`
-                    loss = loss_sum * world / n_tokens
-                    for cb in callbacks:
-                        extra = cb.extra_loss(ctx, items, len(mb) / len(shard))
-                        if extra is not None:
-                            loss = loss + extra
-                    accelerator.backward(loss)
-                loss_total += loss_sum.item()
-                hits_total += hits
-            if not micro:  # more processes than items in this batch: join with a zero grad
-                accelerator.backward(sum(p.sum() for p in model.parameters()) * 0.0)
-            if cfg.grad_clip is not None:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            for cb in callbacks:
-                cb.on_before_optimizer_step(ctx)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            ctx.step = step
-            ctx.position += 1
-            stats = torch.tensor([loss_total, hits_total], dtype=torch.float64,
-                                 device=accelerator.device)
-            stats = accelerator.reduce(stats, reduction="sum") if world > 1 else stats
-            loss_value = stats[0].item() / n_tokens
-            tok_acc = stats[1].item() / n_tokens
-            tokens += sum(lengths[i] for i in batch)
-            ctx.tokens = tokens
-            row = {"step": step, "epoch": epoch, "loss": loss_value, "tok_acc": tok_acc,
-                   "lr": scheduler.get_last_lr()[0]}
-            log.append(row)
-            stop = rule.after_step(loss_value)  # before the callbacks: checkpoints see its counters
-            for cb in callbacks:
-                cb.on_step_end(ctx, row)
-            bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{tok_acc:.2f}",
-                            **({"em": f"{em:.2f}"} if em is not None else {}))
-            if stop:
-                break
-        bar.close()
+        run.epoch(epoch)
         if rule.state.stopped:
             break
-        if rule.checks_memorization and memorize_check:
-            preds = evaluate_examples(accelerator.unwrap_model(model), fmt, memorize_check,
-                                      mode=eval_cfg.mode, batch_size=eval_cfg.batch_size,
-                                      max_new_tokens=eval_cfg.max_new_tokens)
-            em = summarize(preds)["accuracy"]
-            log[-1]["memorized_accuracy"] = em
-            if em >= 1.0 and memorized_epoch is None:
-                memorized_epoch = epoch
+        if rule.checks_memorization and check:
+            run.check_memorization(epoch, check, eval_cfg)
         for cb in callbacks:
             cb.on_epoch_end(ctx)
-        if rule.after_epoch(epoch, em):
+        if rule.after_epoch(epoch, run.em):
             break
     for cb in callbacks:
         cb.on_stage_end(ctx)
     accelerator.free_memory(optimizer, scheduler)  # drop accelerate's references to them
     return StageResult(
-        epochs=log[-1]["epoch"] if log else 0, steps=step, stop_reason=rule.state.reason,
-        final_loss=loss_value, memorized_epoch=memorized_epoch,
-        padding_fraction=sum(pad_fracs) / max(len(pad_fracs), 1), tokens=tokens,
-        seconds=time.perf_counter() - start, log=log,
+        epochs=ctx.log[-1]["epoch"] if ctx.log else 0, steps=ctx.step,
+        stop_reason=rule.state.reason, final_loss=run.loss, memorized_epoch=run.memorized_epoch,
+        padding_fraction=sum(run.pad_fracs) / max(len(run.pad_fracs), 1), tokens=ctx.tokens,
+        layout="packed" if pack else "padded", seconds=time.perf_counter() - start, log=ctx.log,
     )
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
+class _Run:
+    """The mutable state of one `train_stage` call and its steps, in the order they run."""
 
-    def __exit__(self, *exc):
-        return False
+    def __init__(self, ctx: StageContext, data: StageItems, seed: int, pack: bool,
+                 callbacks: list[StageCallback], progress: bool, desc: str):
+        self.ctx, self.data, self.seed, self.pack = ctx, data, seed, pack
+        self.callbacks, self.progress, self.desc = callbacks, progress, desc
+        self.cfg = ctx.cfg
+        self.pad_id = ctx.fmt.tok.pad_token_id
+        self.pad_fracs: list[float] = []
+        self.loss = float("nan")
+        self.memorized_epoch: int | None = None
+        self.em: float | None = None
+        self.skip = 0  # batches of the first epoch already done (resume)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        return stage_batches(self.cfg.batching, self.data.lengths, self.data.groups,
+                             self.cfg.batch_size, self.seed, epoch)
+
+    def restore(self) -> int:
+        """The first epoch to run: 1, or where a restored checkpoint left off."""
+        resume = self.ctx.resume
+        if resume is None:
+            return 1
+        self.ctx.tokens, self.memorized_epoch = resume.tokens, resume.memorized_epoch
+        self.loss, self.skip = resume.loss, resume.position
+        self.pad_fracs = [layout_padding(self.data.lengths, self.batches(e), self.cfg, self.pack)
+                          for e in range(1, resume.epoch)]
+        return resume.epoch
+
+    def epoch(self, epoch: int) -> None:
+        ctx = self.ctx
+        ctx.epoch = epoch
+        batches = self.batches(epoch)
+        self.pad_fracs.append(layout_padding(self.data.lengths, batches, self.cfg, self.pack))
+        skip, self.skip = self.skip, 0
+        ctx.position = skip
+        bar = tqdm(batches[skip:], desc=f"{self.desc} epoch {epoch}/{ctx.rule.max_epochs}",
+                   leave=False, disable=not (self.progress and ctx.accelerator.is_main_process),
+                   mininterval=0.5, dynamic_ncols=True)
+        for batch in bar:
+            loss, tok_acc = self.step(batch)
+            row = {"step": ctx.step, "epoch": epoch, "loss": loss, "tok_acc": tok_acc,
+                   "lr": ctx.scheduler.get_last_lr()[0]}
+            ctx.log.append(row)
+            stop = ctx.rule.after_step(loss)  # before the callbacks: checkpoints see its counters
+            for cb in self.callbacks:
+                cb.on_step_end(ctx, row)
+            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{tok_acc:.2f}",
+                            **({"em": f"{self.em:.2f}"} if self.em is not None else {}))
+            if stop:
+                break
+        bar.close()
+
+    def step(self, batch: list[int]) -> tuple[float, float]:
+        """One optimizer step on a global batch; returns its loss and token accuracy."""
+        ctx, acc = self.ctx, self.ctx.accelerator
+        world, rank = acc.num_processes, acc.process_index
+        # Every process sees the same global batch and takes its share; the loss is normalised
+        # by the global number of answer tokens, so any process count or accumulation setting
+        # computes the same gradient.
+        ctx.batch_items = [self.data.encoded[i] for i in batch]
+        ctx.batch_ids = [e.id for e in ctx.batch_items]
+        n_tokens = sum(e.n_targets for e in ctx.batch_items)
+        shard = batch[rank::world]
+        micro = split_micro(shard, self.cfg.grad_accum)
+        loss_total, hits_total = 0.0, 0
+        for j, mb in enumerate(micro):
+            sync = j == len(micro) - 1
+            no_sync = acc.no_sync(ctx.model) if not sync and world > 1 else contextlib.nullcontext()
+            with no_sync:
+                items = [self.data.encoded[i] for i in mb]
+                ctx.micro = forward_targets(ctx.model, items, self.pad_id, acc.device, self.pack)
+                loss_sum, _, hits = step_loss(ctx.micro)
+                # DDP averages gradients over processes: scale back up by `world`
+                loss = self.with_extra(loss_sum * world / n_tokens, items, len(mb) / len(shard))
+                acc.backward(loss)
+            loss_total += loss_sum.item()
+            hits_total += hits
+        ctx.micro = None
+        if not micro:  # more processes than items in this batch: join with the penalties only
+            zero = sum(p.sum() for p in ctx.model.parameters()) * 0.0
+            acc.backward(self.with_extra(zero, [], 1.0))
+        if self.cfg.grad_clip is not None:
+            acc.clip_grad_norm_(ctx.model.parameters(), self.cfg.grad_clip)
+        for cb in self.callbacks:
+            cb.on_before_optimizer_step(ctx)
+        ctx.optimizer.step()
+        ctx.scheduler.step()
+        ctx.optimizer.zero_grad(set_to_none=True)
+        ctx.step += 1
+        ctx.position += 1
+        ctx.tokens += sum(self.data.lengths[i] for i in batch)
+        stats = torch.tensor([loss_total, hits_total], dtype=torch.float64, device=acc.device)
+        stats = acc.reduce(stats, reduction="sum") if world > 1 else stats
+        self.loss = stats[0].item() / n_tokens
+        return self.loss, stats[1].item() / n_tokens
+
+    def with_extra(self, loss: torch.Tensor, items: list[Encoded], share: float) -> torch.Tensor:
+        for cb in self.callbacks:
+            extra = cb.extra_loss(self.ctx, items, share)
+            if extra is not None:
+                loss = loss + extra
+        return loss
+
+    def check_memorization(self, epoch: int, check: list[Example], eval_cfg: EvalConfig) -> None:
+        """Exact match on the stage's own set, scored as the evaluation scores it."""
+        ctx = self.ctx
+        preds = evaluate_examples(ctx.accelerator.unwrap_model(ctx.model), ctx.fmt, check,
+                                  mode=eval_cfg.mode, batch_size=eval_cfg.batch_size,
+                                  max_new_tokens=eval_cfg.max_new_tokens, match=eval_cfg.match)
+        self.em = summarize(preds)["accuracy"]
+        ctx.log[-1]["memorized_accuracy"] = self.em
+        if self.em >= 1.0 and self.memorized_epoch is None:
+            self.memorized_epoch = epoch

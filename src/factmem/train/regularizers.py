@@ -20,9 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from factmem.batch import target_logits
 from factmem.config import RegularizerConfig, StageConfig
 from factmem.data import Example
-from factmem.evaluate import answer_logits, pad_batch
 from factmem.models import Encoded, Formatter
 from factmem.train.loop import StageCallback, StageContext, batch_loss
 
@@ -96,23 +96,14 @@ def normalize_fisher(fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                     temperature: float = 1.0) -> torch.Tensor:
-    """T^2 x mean over positions of KL(teacher_T || student_T), softmax at temperature T.
+    """T^2 x SUM over positions of KL(teacher_T || student_T), softmax at temperature T.
 
-    Shapes: logits [n_positions, vocab] -> scalar. Zero when student equals teacher."""
+    Shapes: logits [n_positions, vocab] -> scalar. Zero when student equals teacher. A sum, so
+    that the caller divides by the step's position count, as the answer loss is divided."""
     t = temperature
     s_logp = F.log_softmax(student_logits.float() / t, dim=-1)
     t_logp = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    return F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") * t * t
-
-
-def answer_position_logits(model, items: list[Encoded], pad_id: int, device) -> torch.Tensor:
-    """Logits at the positions that predict answer tokens, [n_answer_tokens, vocab]."""
-    ids, mask, labels = pad_batch(items, pad_id)
-    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-    first = min(e.prompt_len for e in items) - 1
-    logits, positions = answer_logits(model, ids, mask, first)
-    keep = labels[:, positions + 1] != -100
-    return logits[keep]
+    return F.kl_div(s_logp, t_logp, log_target=True, reduction="sum") * t * t
 
 
 def tensor_bytes(tensors) -> int:
@@ -194,7 +185,12 @@ class WeightAnchor(StageCallback):
 
 class Distillation(StageCallback):
     """LwF-style KL to the frozen model entering the stage: weight x T^2 x mean KL over the
-    answer positions of the micro-batch's items (or of its mixing items only)."""
+    answer positions of the step's items (or of its mixing items only, `on: mix`).
+
+    Normalised like the answer loss: each micro-batch adds its SUM over positions divided by
+    the count of such positions in the whole step (all micro-batches, all processes), so the
+    penalty does not depend on grad_accum or the process count, nor on which micro-batch
+    happens to hold the mixing items."""
 
     def __init__(self, cfg: RegularizerConfig, mix_ids: set[str] | None = None):
         if cfg.on == "mix" and not mix_ids:
@@ -213,25 +209,31 @@ class Distillation(StageCallback):
         self.info["extra_bytes"] = extra
         log.info("kl: frozen teacher (%.1f MB extra)", extra / 2**20)
 
+    def covered(self, e: Encoded) -> bool:
+        return self.cfg.on == "stage" or e.id in self.mix_ids
+
     def extra_loss(self, ctx: StageContext, items: list[Encoded], share: float):
-        if self.cfg.on == "mix":
-            items = [e for e in items if e.id in self.mix_ids]
-        if not items or self.cfg.weight == 0:
+        micro = ctx.micro
+        if micro is None or not items or self.cfg.weight == 0:
             return None
-        pad_id, device = ctx.fmt.tok.pad_token_id, ctx.accelerator.device
-        # a second student forward: the loop keeps its logits to itself (one more forward per
-        # micro-batch, plus the teacher's, is the price of this callback)
-        student = answer_position_logits(ctx.model, items, pad_id, device)
+        denominator = sum(e.n_targets for e in ctx.batch_items if self.covered(e))
+        rows = torch.tensor([self.covered(e) for e in micro.items], device=micro.owner.device)
+        keep = rows[micro.owner]
+        if denominator == 0 or not bool(keep.any()):
+            return None
+        # the student's logits are the loop's own (one forward); the teacher runs on the same
+        # batch, so its logits line up position for position
         with torch.no_grad():
-            teacher = answer_position_logits(self.teacher, items, pad_id, device)
-        kl = distillation_kl(student, teacher, self.cfg.temperature)
+            teacher, _, _ = target_logits(self.teacher, micro.batch)
+        kl = distillation_kl(micro.logits[keep], teacher[keep], self.cfg.temperature)
         self.total += float(kl.detach())
-        self.count += 1
-        return self.cfg.weight * kl * share
+        self.count += int(keep.sum())
+        world = ctx.accelerator.num_processes  # DDP averages gradients over processes
+        return self.cfg.weight * kl * world / denominator
 
     def on_step_end(self, ctx: StageContext, row: dict[str, Any]) -> None:
-        row["kl"] = self.total / self.count if self.count else 0.0
-        self.total, self.count = 0.0, 0
+        row["kl"] = self.total / self.count if self.count else 0.0  # mean per position (this
+        self.total, self.count = 0.0, 0  # process's share of the step)
 
     def on_stage_end(self, ctx: StageContext) -> None:
         self.teacher = None

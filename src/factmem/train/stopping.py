@@ -1,6 +1,11 @@
-"""Stop rules: `epochs` (fixed), `loss_below` (threshold held for `patience` optimizer steps),
-`until_memorized` (exact match 100% on the stage's set, checked every epoch). The last two stop
-at `epochs` at the latest."""
+"""Stop rules: `epochs` (fixed), `loss_below` (loss under a threshold for `patience` optimizer
+steps, counted consecutively or cumulatively), `until_memorized` (exact match 100% on the stage's
+set, checked every epoch). The last two stop at `epochs` at the latest.
+
+`loss_below` counts consecutive steps by default: the rule then means what it says, the loss
+has settled under the threshold, and one lucky batch of easy items cannot end a stage. The
+paper's reference code counts low-loss steps cumulatively and never resets the count
+(`count: cumulative`, used by configs/paper/*.yaml to follow it)."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from factmem.config import StopConfig
 
 @dataclass
 class StopState:
-    steps_below: int = 0  # consecutive optimizer steps with loss < threshold
+    steps_below: int = 0  # optimizer steps with loss < threshold (consecutive or cumulative)
     stopped: bool = False
     reason: str = ""
 
@@ -31,9 +36,13 @@ class StopRule:
 
     def after_step(self, loss: float) -> bool:
         if self.cfg.rule == "loss_below":
-            self.state.steps_below = self.state.steps_below + 1 if loss < self.cfg.threshold else 0
+            if loss < self.cfg.threshold:
+                self.state.steps_below += 1
+            elif self.cfg.count == "consecutive":
+                self.state.steps_below = 0
             if self.state.steps_below >= self.cfg.patience:
-                return self._stop(f"loss < {self.cfg.threshold:g} for {self.cfg.patience} steps")
+                return self._stop(f"loss < {self.cfg.threshold:g} for {self.cfg.patience} "
+                                  f"{self.cfg.count} steps")
         return False
 
     def after_epoch(self, epoch: int, memorized_accuracy: float | None = None) -> bool:

@@ -1,0 +1,145 @@
+"""Model inputs: encoded items as padded rows or as one packed row, and the logits at the
+positions that carry a loss.
+
+Targets. Position t of a row predicts the token at t + 1. `targets[r, t]` is that token where it
+is labelled (an assistant token, see `models.Encoded`) and -100 elsewhere, so every labelled
+token of every assistant turn is a target, and nothing else is. Only positions holding a target
+in some row are unembedded (`logits_to_keep`): answers are short next to prompts, and the
+unembedding of a 49k vocabulary is a quarter of a SmolLM2 training step.
+
+Packing. The items of a micro-batch are laid end to end in ONE row, `position_ids` restarting
+at 0 for each item and no attention mask. transformers (>= 4.5x, `masking_utils`) reads packed
+`position_ids` as separate sequences and builds a block-diagonal causal mask for its eager, SDPA
+and flash-attention paths, so each item attends only to itself: the same logits as a padded
+batch, without computing padding. `packing_supported` checks that on the model at hand (a model
+with its own attention code may ignore it); the stage loop falls back to padding if not.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from factmem.models import Encoded
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelBatch:
+    """input_ids [rows, T]; attention_mask [rows, T] or None (packed); position_ids [rows, T]
+    or None (padded: the model counts positions itself); targets [rows, T], -100 = no loss;
+    owner [rows, T]: index of the item a position belongs to (-1 for padding)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    targets: torch.Tensor
+    owner: torch.Tensor
+
+    def to(self, device) -> ModelBatch:
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return ModelBatch(move(self.input_ids), move(self.attention_mask),
+                          move(self.position_ids), move(self.targets), move(self.owner))
+
+    @property
+    def n_tokens(self) -> int:
+        """Real tokens (padding excluded)."""
+        return int((self.owner >= 0).sum())
+
+    @property
+    def n_positions(self) -> int:
+        """Positions the model computes (padding included)."""
+        return self.input_ids.numel()
+
+
+def shifted_targets(e: Encoded) -> list[int]:
+    """targets[t] = labels[t + 1]; the last position predicts nothing."""
+    return [*e.labels[1:], -100]
+
+
+def pad_batch(items: Sequence[Encoded], pad_id: int, left: bool = False):
+    """(input_ids, attention_mask, labels) padded to the batch's longest item only."""
+    width = max(len(e) for e in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    for i, e in enumerate(items):
+        n = len(e)
+        sl = slice(width - n, width) if left else slice(0, n)
+        ids[i, sl] = torch.tensor(e.input_ids)
+        mask[i, sl] = 1
+        labels[i, sl] = torch.tensor(e.labels)
+    return ids, mask, labels
+
+
+def padded(items: Sequence[Encoded], pad_id: int) -> ModelBatch:
+    """One row per item, right-padded to the longest item of the batch."""
+    ids, mask, _ = pad_batch(items, pad_id)
+    targets = torch.full_like(ids, -100)
+    owner = torch.full_like(ids, -1)
+    for i, e in enumerate(items):
+        targets[i, : len(e)] = torch.tensor(shifted_targets(e))
+        owner[i, : len(e)] = i
+    return ModelBatch(ids, mask, None, targets, owner)
+
+
+def packed(items: Sequence[Encoded]) -> ModelBatch:
+    """All items in one row, positions restarting at 0 per item: no padding at all."""
+    ids = torch.tensor([t for e in items for t in e.input_ids])[None]
+    positions = torch.tensor([p for e in items for p in range(len(e))])[None]
+    targets = torch.tensor([t for e in items for t in shifted_targets(e)])[None]
+    owner = torch.tensor([i for i, e in enumerate(items) for _ in range(len(e))])[None]
+    return ModelBatch(ids, None, positions, targets, owner)
+
+
+def make_batch(items: Sequence[Encoded], pad_id: int, pack: bool) -> ModelBatch:
+    return packed(items) if pack else padded(items, pad_id)
+
+
+def target_logits(model, batch: ModelBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits [n, vocab], gold [n], owner [n]) at the n target positions of `batch`, in row-major
+    order. Models whose forward lacks `logits_to_keep` get full logits, then sliced."""
+    keep_cols = (batch.targets != -100).any(0).nonzero().squeeze(1)
+    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    if batch.position_ids is not None:
+        kwargs["position_ids"] = batch.position_ids
+    try:
+        logits = model(**kwargs, logits_to_keep=keep_cols).logits
+    except TypeError:
+        logits = model(**kwargs).logits[:, keep_cols]
+    targets = batch.targets[:, keep_cols]
+    keep = targets != -100
+    return logits[keep], targets[keep], batch.owner[:, keep_cols][keep]
+
+
+@torch.no_grad()
+def packing_supported(model, vocab_size: int | None = None) -> bool:
+    """Whether `model` keeps packed items apart: the logits of two items packed in one row must
+    equal their logits computed alone. Costs two forwards of 13 tokens."""
+    device = next(model.parameters()).device
+    vocab = vocab_size or model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(0, vocab, (7,), generator=gen).tolist()
+    b = torch.randint(0, vocab, (6,), generator=gen).tolist()
+    items = [Encoded("a", a, a, 0), Encoded("b", b, b, 0)]
+    was_training = model.training
+    model.eval()  # no dropout
+    try:
+        alone = [model(input_ids=torch.tensor([x], device=device)).logits[0].float() for x in (a, b)]
+        pb = packed(items).to(device)
+        together = model(input_ids=pb.input_ids, position_ids=pb.position_ids).logits[0].float()
+    except (TypeError, ValueError, RuntimeError) as e:
+        log.info("packing: the model's forward refused packed position_ids (%s)", e)
+        return False
+    finally:
+        model.train(was_training)
+    expected = torch.cat(alone)
+    scale = float(expected.abs().max()) or 1.0
+    # an item that sees the other one differs by O(1); rounding (bf16 included) by far less
+    return float((together - expected).abs().max()) <= 0.02 * scale
