@@ -74,6 +74,52 @@ def test_tensorboard_gets_steps_memorization_retention_and_accuracy(tiny_model_d
     assert "seed: 0" in hparams[0].read_text()
 
 
+def test_wandb_gets_project_run_name_config_and_increasing_steps(tiny_model_dir, tmp_path,
+                                                                 monkeypatch):
+    """wandb through accelerate's WandBTracker, with a stand-in `wandb` module (not installed
+    here): project = experiment, run name = experiment/variant/seed, the resolved config, and
+    steps that never go back (wandb drops such points), reused stages included."""
+    import sys
+    import types
+
+    import accelerate.tracking
+
+    runs: list[dict] = []
+
+    class Run:
+        def __init__(self, **kwargs):
+            self.kwargs, self.logged, self.finished = kwargs, [], False
+            runs.append(self.__dict__)
+
+        def log(self, values, step=None):
+            self.logged.append((step, dict(values)))
+
+        def finish(self):
+            self.finished = True
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: Run(**kwargs)
+    fake.config = types.SimpleNamespace(update=lambda values, allow_val_change: runs[-1].update(
+        config=dict(values)))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: ["wandb"])
+    cfg = tiny_config(tiny_model_dir, tmp_path, eval={"retention_every": 2},
+                      output={"dir": str(tmp_path / "runs"), "report_to": ["wandb"]})
+    assert main(["run", str(cfg), "--no-progress"]) == 0
+    assert [r["kwargs"] for r in runs] == [{"project": "tiny", "name": f"tiny/{v}/seed0"}
+                                           for v in ("naive", "remix", "replay")]
+    for r in runs:
+        assert r["finished"] and r["config"]["train.lr"] == 0.003 and r["config"]["seed"] == 0
+        steps = [step for step, _ in r["logged"]]
+        assert steps == sorted(steps) and steps[0] == 0
+        tags = {k for _, values in r["logged"] for k in values}
+        assert {"train/loss", "eval/kvr_a/accuracy", "retention/kvr_b/token_acc"} <= tags
+    replay = {k: [(s, v[k]) for s, v in runs[2]["logged"] if k in v] for k in ("train/loss",)}
+    naive = {k: [(s, v[k]) for s, v in runs[0]["logged"] if k in v] for k in ("train/loss",)}
+    n1 = 2 * 2  # stage 1: 2 epochs x 2 steps, copied from naive into replay
+    assert replay["train/loss"][:n1] == naive["train/loss"][:n1]
+
+
 def test_no_tracker_no_tensorboard_directory(tiny_model_dir, tmp_path):
     cfg = tiny_config(tiny_model_dir, tmp_path, variants={"naive": {}})
     assert main(["run", str(cfg), "--no-progress"]) == 0

@@ -106,36 +106,28 @@ class RunTracker:
 
     def log_eval(self, row: dict[str, dict[str, float]], step: int) -> None:
         """A stage's accuracy row (set -> summarize() figures)."""
-        self.log({f"eval/{s}/{k}": m[k] for s, m in row.items() for k in ("accuracy", "token_acc")
-                  if k in m}, step)
+        self.log(eval_values(row), step)
 
     def log_step(self, row: dict[str, Any], step: int, stage_index: int) -> None:
-        self.log({"train/loss": row["loss"], "train/lr": row["lr"], "train/tok_acc": row["tok_acc"],
-                  "train/epoch": row["epoch"], "train/stage": stage_index + 1}, step)
-        if "memorized_accuracy" in row:  # the last step of an epoch whose set was checked
-            self.log({"train/memorized_accuracy": row["memorized_accuracy"]}, step)
+        self.log(step_values(row, stage_index), step)
 
     def log_retention(self, rows: Sequence[dict[str, Any]], offset: int) -> None:
-        """Retention rows (one per step, set and fact) -> per step and set: exact match and
-        token accuracy over the set's facts."""
-        groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
-        for r in rows:
-            groups.setdefault((r["step"], r["set"]), []).append(r)
-        for (step, name), facts in sorted(groups.items()):
-            n = len(facts)
-            self.log({f"retention/{name}/exact_match": sum(bool(f["correct"]) for f in facts) / n,
-                      f"retention/{name}/token_acc": sum(f["token_acc"] for f in facts) / n},
-                     offset + step)
+        for step, values in retention_values(rows):
+            self.log(values, offset + step)
 
     def log_stage_files(self, stage_dir: Path, stage_index: int, offset: int) -> int:
-        """Log a stage that was copied, not trained, from its files; returns its steps."""
-        for row in io.read_jsonl(stage_dir / "train_log.jsonl"):
-            self.log_step(row, offset + row["step"], stage_index)
+        """Log a stage that was copied, not trained, from its files; returns its steps. Events
+        go out in step order (wandb drops a step lower than one it has seen)."""
+        events = [(offset + row["step"], step_values(row, stage_index))
+                  for row in io.read_jsonl(stage_dir / "train_log.jsonl")]
         if (stage_dir / "retention.jsonl").is_file():
-            self.log_retention(io.read_jsonl(stage_dir / "retention.jsonl"), offset)
+            events += [(offset + step, values) for step, values
+                       in retention_values(io.read_jsonl(stage_dir / "retention.jsonl"))]
         metrics = io.read_json(stage_dir / "metrics.json")
         steps = int(metrics["train"]["steps"])
-        self.log_eval(metrics["eval"], offset + steps)
+        events.append((offset + steps, eval_values(metrics["eval"])))
+        for step, values in sorted(events, key=lambda e: e[0]):  # stable: same-step order kept
+            self.log(values, step)
         return steps
 
     def callback(self, stage_index: int, offset: int, retention: Any = None) -> StageCallback:
@@ -151,6 +143,38 @@ class RunTracker:
                 log.warning("%s: tracker %s did not close cleanly: %s", self.run_name,
                             type(tracker).__name__, e)
         self.trackers = []
+
+
+def step_values(row: dict[str, Any], stage_index: int) -> dict[str, float]:
+    """An optimizer step's log row -> scalars (with the memorization check of its epoch, which
+    the loop adds to the epoch's last row)."""
+    out = {"train/loss": row["loss"], "train/lr": row["lr"], "train/tok_acc": row["tok_acc"],
+           "train/epoch": row["epoch"], "train/stage": stage_index + 1}
+    if "memorized_accuracy" in row:
+        out["train/memorized_accuracy"] = row["memorized_accuracy"]
+    return out
+
+
+def eval_values(row: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"eval/{s}/{k}": m[k] for s, m in row.items() for k in ("accuracy", "token_acc")
+            if k in m}
+
+
+def retention_values(rows: Sequence[dict[str, Any]]) -> list[tuple[int, dict[str, float]]]:
+    """Retention rows (one per step, set and fact) -> per step: each set's exact match and
+    token accuracy over its facts."""
+    groups: dict[int, dict[str, list[dict[str, Any]]]] = {}
+    for r in rows:
+        groups.setdefault(r["step"], {}).setdefault(r["set"], []).append(r)
+    out = []
+    for step in sorted(groups):
+        values: dict[str, float] = {}
+        for name, facts in groups[step].items():
+            values[f"retention/{name}/exact_match"] = sum(bool(f["correct"]) for f in facts) / len(
+                facts)
+            values[f"retention/{name}/token_acc"] = sum(f["token_acc"] for f in facts) / len(facts)
+        out.append((step, values))
+    return out
 
 
 class TrackingCallback(StageCallback):
@@ -176,7 +200,7 @@ class TrackingCallback(StageCallback):
         self.tracker.log_step(row, self.offset + ctx.step, self.stage_index)
         self._flush_retention()
 
-    def on_epoch_end(self, ctx: StageContext) -> None:
+    def on_epoch_end(self, ctx: StageContext) -> None:  # the check runs after the last step
         last = ctx.log[-1] if ctx.log else {}
         if "memorized_accuracy" in last:  # set by the loop after the epoch's memorization check
             self.tracker.log({"train/memorized_accuracy": last["memorized_accuracy"]},
