@@ -24,6 +24,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/factmem run configs/demo.yaml
+	$(VENV)/bin/factmem report runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

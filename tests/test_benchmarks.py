@@ -63,6 +63,7 @@ def test_bench_mixing_tiny(bench, tiny_model_dir, tmp_path):
     for stage in ("stage 1: KVR + random words", "stage 2: KVR + generic text"):
         rows = [r for (s, _), r in res.items() if s == stage]
         assert len({r["tokens"] for r in rows}) == 1 and len({r["steps"] for r in rows}) == 1
-        assert res[(stage, "mixed + packed")]["padding"] == 0.0
-        assert res[(stage, "mixed + padded")]["padding"] > 0.2  # facts beside long passages
+        # facts beside long passages: padding them costs, packing them beside passages less
+        assert res[(stage, "mixed + padded")]["padding"] > 0.2
+        assert res[(stage, "mixed + packed")]["padding"] < res[(stage, "mixed + padded")]["padding"]
     assert "mixed + packed / length_grouped throughput" in (tmp_path / "R.md").read_text()

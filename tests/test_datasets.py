@@ -51,6 +51,32 @@ def test_entityquestions_folder_relations_and_both_formats(shared_data):
         load("entityquestions", path=str(root), relations=["P999"])
 
 
+def test_lama_trex_templates_are_built_in_and_equal_lamas(shared_data, tmp_path):
+    """A released T-REx file loads without a relations file; the built-in table is LAMA's
+    relations.jsonl, relation for relation; `relations_path` overrides it."""
+    from factmem.data.hub import TREX_TEMPLATES
+
+    released = {(r := json.loads(line))["relation"]: r["template"] for line in
+                (shared_data / "lama_trex" / "relations.jsonl").read_text().splitlines()}
+    assert TREX_TEMPLATES == released and len(released) == 46
+    alone = tmp_path / "TREx" / "P106.jsonl"  # as in LAMA's data.zip: no relations.jsonl beside
+    alone.parent.mkdir()
+    alone.write_text((shared_data / "lama_trex" / "P106.jsonl").read_text())
+    trex = load("lama", path=str(alone))
+    assert len(trex) == 300
+    assert trex[0].prompt == "Fill in the blank: Shreela Ghosh is a ___ by profession."
+    rel = tmp_path / "mine.jsonl"
+    rel.write_text('{"relation": "P106", "template": "[X] works as a [Y] ."}\n')
+    mine = load("lama", path=str(alone), relations_path=str(rel))
+    assert mine[0].prompt == "Fill in the blank: Shreela Ghosh works as a ___."
+    with pytest.raises(DataError, match="relations_path .*missing.jsonl: no such file"):
+        load("lama", path=str(alone), relations_path=str(tmp_path / "missing.jsonl"))
+    unknown = tmp_path / "P999.jsonl"
+    unknown.write_text('{"sub_label": "a", "obj_label": "b", "predicate_id": "P999"}\n')
+    with pytest.raises(DataError, match=r"P999.jsonl:1: no template for relation 'P999' \(not "):
+        load("lama", path=str(unknown))
+
+
 def test_lama_trex_and_google_re(shared_data):
     trex = load("lama", path=str(shared_data / "lama_trex" / "P106.jsonl"))
     assert len(trex) == 300

@@ -111,3 +111,18 @@ def test_plain_template_starts_with_bos_when_the_tokenizer_adds_one():
     # a tokenizer that adds nothing gets nothing
     plain = Formatter(make_char_tokenizer(chat_template=None)).encode(Example.qa("x:0", "q", "a"))
     assert plain.input_ids[0] != bos
+
+
+def test_reference_template_is_the_reference_codes_text_format(char_tokenizer):
+    """`model.template: reference`: `<|user|>\\n{q}\\n<|assistant|>\\n{a}` + eos as plain text,
+    whatever template the tokenizer ships, loss on the answer and its eos."""
+    fmt = Formatter(char_tokenizer, template="reference")
+    enc = fmt.encode(Example.qa("kvr:0", "The value of key abc is?", "xyz"))
+    assert char_tokenizer.decode(enc.input_ids) == (
+        "<|user|>\nThe value of key abc is?\n<|assistant|>\nxyz<|im_end|>")
+    assert decode_labelled(char_tokenizer, enc) == "xyz<|im_end|>"
+    chat = Example("c:0", (("user", "hi"), ("assistant", "yo"), ("user", "bye"),
+                           ("assistant", "ciao")), ("ciao",), kind="task")
+    assert char_tokenizer.decode(fmt.encode(chat).input_ids) == (
+        "<|user|>\nhi\n<|assistant|>\nyo<|im_end|>\n<|user|>\nbye\n<|assistant|>\nciao<|im_end|>")
+    assert not fmt.use_template  # the tokenizer's chat template is not used

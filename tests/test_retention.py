@@ -58,6 +58,11 @@ def test_retention_sets_limit_the_curves_to_the_named_sets(tmp_path):
     tracked = {"a": ["x"], "b": ["y"]}
     (cb,) = retention_callbacks(cfg, tracked, tmp_path, "s2", write=False)
     assert list(cb.tracked) == ["a"]
+    raw["eval"]["retention_stages"] = ["s2"]  # curves during stage 2 only
+    cfg = experiment_from_dict(raw).base
+    assert retention_callbacks(cfg, tracked, tmp_path, "s1", write=False) == []
+    assert len(retention_callbacks(cfg, tracked, tmp_path, "s2", write=False)) == 1
+    del raw["eval"]["retention_stages"]
     raw["eval"]["retention_sets"] = ["c"]
     with pytest.raises(ConfigError, match="eval.retention_sets.0: no tracked set named 'c'"):
         experiment_from_dict(raw)

@@ -14,15 +14,22 @@ log = logging.getLogger("factmem")
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from factmem.config import load_experiment
-    from factmem.experiment import run_experiment
+    from factmem.experiment import dry_run, run_experiment
+    from factmem.plan import format_plan
     from factmem.results import to_markdown
 
     if args.no_progress:
         quiet_library_bars()
     exp = load_experiment(args.config, args.set)
     if args.dry_run:
-        print(f"{args.config}: valid; variants: {', '.join(exp.variants)}; "
-              f"seeds: {exp.base.seeds}; stages: {', '.join(s.name for s in exp.base.stages)}")
+        plan, where = dry_run(exp, output_dir=args.output, overwrite=args.overwrite)
+        if not is_main_process():  # under `accelerate launch`: every process checks, one prints
+            return 0
+        print(f"{args.config}: valid (every check of the real run passed; model "
+              f"{exp.base.model.name}: tokenizer loaded, weights not); variants: "
+              f"{', '.join(exp.variants)}; seeds: {exp.base.seeds}")
+        print(format_plan(plan))
+        print(where)
         return 0
     summary = run_experiment(exp, output_dir=args.output, overwrite=args.overwrite,
                              progress=not args.no_progress)
@@ -139,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--restart", dest="overwrite", action="store_true",
                      help="same as --overwrite: discard an existing (interrupted) run and start over; "
                      "without it, the same command on an existing run directory continues it")
-    run.add_argument("--dry-run", action="store_true", help="validate the config and stop")
+    run.add_argument("--dry-run", action="store_true",
+                     help="run every check of the real run (sets, mixtures of every seed, "
+                     "tokenizer; no weights) and print the plan: items, tokens and steps per "
+                     "stage, total training tokens; writes nothing")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(fn=_cmd_run)
 

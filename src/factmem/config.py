@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import difflib
 import itertools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ class ModelConfig:
     """auto: bfloat16 on a GPU that supports it, float32 otherwise"""
     system_prompt: str | None = None
     """system turn for every example; null keeps chat templates from injecting their default"""
+    template: Literal["auto", "plain", "reference"] = "auto"
+    """how examples become text: auto = the tokenizer's chat template (plain when it has none);
+    plain = `User: ...\nAssistant: ...`; reference = the paper's reference code,
+    `<|user|>\n...\n<|assistant|>\n...` as plain text for every model"""
     max_length: int = 2048
     """longest tokenised example accepted (longer ones are an error, never truncated)"""
     trust_remote_code: bool = False
@@ -151,6 +156,8 @@ class EvalConfig:
     retention_sets: list[str] | None = None
     """retention curves of these tracked sets only (null: every tracked set); each point costs
     one teacher-forced pass per set"""
+    retention_stages: list[str] | None = None
+    """retention curves during these stages only (null: every stage)"""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -319,6 +326,11 @@ class OutputConfig:
     checkpoint_every: int | None = 50
     """save a resumable in-stage checkpoint every N optimizer steps (null: only between stages;
     an interrupted stage then restarts from its beginning)"""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(
+        default_factory=list)
+    """experiment trackers (accelerate's) that get per-step loss, learning rate and token
+    accuracy, memorization checks, retention points and every stage's accuracy, one tracking run
+    per variant and seed; e.g. [tensorboard] (written under RUN_DIR/tensorboard/)"""
 
     def __post_init__(self) -> None:
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
@@ -441,11 +453,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Invalid(path, f"expected a number, got {value!r}")
+        if not math.isfinite(value):  # `.nan`, `.inf`, `1e999`: no setting means anything there
+            raise _Invalid(path, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -603,6 +617,9 @@ def _check_references(cfg: ExperimentConfig) -> None:
     for j, t in enumerate(cfg.eval.retention_sets or []):
         if t not in cfg.track:
             raise _unknown_ref(f"eval.retention_sets.{j}", t, cfg.track, "tracked set")
+    for j, t in enumerate(cfg.eval.retention_stages or []):
+        if t not in seen_stages:
+            raise _unknown_ref(f"eval.retention_stages.{j}", t, seen_stages, "stage")
     if not cfg.seeds:
         raise _Invalid("seeds", "give at least one seed")
     if len(set(cfg.seeds)) != len(cfg.seeds):
@@ -670,7 +687,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.lr=1e-5")
     key, value = text.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(value) if value.strip() else None
+        return key.strip(), load_yaml_text(value) if value.strip() else None
+    except DuplicateKeyError as e:
+        raise ConfigError(f"--set {text!r}: {e}") from None
     except yaml.YAMLError:
         raise ConfigError(f"--set {text!r}: the value is not valid YAML") from None
 
@@ -733,14 +752,49 @@ class Experiment:
         return next(iter(self.variants.values()))
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names the same key twice (plain YAML lets the last one silently win)."""
+
+    def __init__(self, key: Any, first_line: int, line: int):
+        where = f"lines {first_line} and {line}" if line != first_line else f"twice on line {line}"
+        super().__init__(f"duplicate key {key!r} ({where}); keep one of them")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping, naming both lines."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges, by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # unhashable key: SafeLoader reports it below
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_text(text: str) -> Any:
+    """YAML -> Python with duplicate keys refused (config files and `--set` values)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass: safe
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = load_yaml_text(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{path}:{e.line}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

@@ -38,13 +38,15 @@ from factmem.errors import FactmemError
 from factmem.evaluate import evaluate_examples, forgetting, summarize
 from factmem.mixing import build_mixture
 from factmem.models import Formatter, describe, load_model, load_tokenizer
+from factmem.plan import RunPlan, TokenCounter, plan_stage
+from factmem.results import summary_table, write_summary
 from factmem.resume import (FiniteGuard, RunLock, StageCheckpointer, check_resumable,
                             has_stage_weights, load_stage_weights, save_stage_weights)
-from factmem.results import summary_table, write_summary
+from factmem.tracking import RunTracker, check_trackers
 from factmem.train import train_stage
 from factmem.train.lora import begin_stage, end_stage, is_adapter_model
 from factmem.train.regularizers import build_regularizers
-from factmem.validate import check_context, check_set, model_context
+from factmem.validate import check_set, model_context
 
 log = logging.getLogger(__name__)
 
@@ -115,32 +117,64 @@ def safe_name(name: str) -> str:
     return out
 
 
-def prepare(exp: Experiment) -> tuple[SetCache, Any]:
+@dataclass
+class Prepared:
+    """What `prepare` hands the run: the built sets, the tokenizer and the plan it counted."""
+
+    cache: SetCache
+    tokenizers: dict[tuple[str, bool], Any]  # per model (name, trust_remote_code)
+    plan: RunPlan
+
+    def tokenizer(self, cfg: ExperimentConfig):
+        return self.tokenizers[tokenizer_key(cfg)]
+
+
+def tokenizer_key(cfg: ExperimentConfig) -> tuple[str, bool]:
+    return cfg.model.name, cfg.model.trust_remote_code
+
+
+def prepare(exp: Experiment) -> Prepared:
     """Everything that can fail on bad input, before anything is written: build every set of
-    every variant, load the tokenizer, and tokenise every example that will be trained on."""
+    every variant and the mixture of every stage for every seed, load the tokenizer (not the
+    weights), and tokenise every example that will be trained on or evaluated. `--dry-run` runs
+    exactly this, so it refuses what the real run refuses; the counts become the run's plan."""
+    check_trackers(sorted({t for cfg in exp.variants.values() for t in cfg.output.report_to}))
     cache = SetCache()
-    tokenizer = None
+    tokenizers: dict[tuple[str, bool], Any] = {}
+    contexts: dict[tuple[str, bool], int | None] = {}
+    counters: dict[tuple[Any, ...], TokenCounter] = {}
+    plan = RunPlan(exp.name, exp.base.model.name)
+    first_use: dict[str, str] = {}  # stage key -> the variant/seed that trains it first
     for vname, cfg in exp.variants.items():
         sets = cache.sets(cfg)
         for name, examples in sets.items():
             check_set(name, examples)  # empty sets, duplicate ids
-        if tokenizer is None:
-            tokenizer = load_tokenizer(cfg.model)
-            context = model_context(cfg.model)
-        fmt = Formatter(tokenizer, cfg.model.system_prompt, cfg.model.max_length)
-        for seed in cfg.seeds:  # mixing items are drawn per training seed
-            for k in range(len(cfg.stages)):
+        tkey = tokenizer_key(cfg)  # a variant may change the model: its own tokenizer
+        if tkey not in tokenizers:
+            tokenizers[tkey] = load_tokenizer(cfg.model)
+            contexts[tkey] = model_context(cfg.model)
+        fkey = (*tkey, cfg.model.system_prompt, cfg.model.max_length, cfg.model.template)
+        if fkey not in counters:
+            counters[fkey] = TokenCounter(Formatter.for_model(tokenizers[tkey], cfg.model),
+                                          contexts[tkey])
+        count = counters[fkey]
+        for seed in cfg.seeds:  # mixing items are drawn per training seed: build every one
+            keys = stage_keys(cfg, seed)
+            for k, stage in enumerate(cfg.stages):
                 try:
                     mixture = build_mixture(cfg, k, sets, seed)
                 except FactmemError as e:
                     where = f"variants.{vname}: " if len(exp.variants) > 1 else ""
                     raise type(e)(f"{exp.source}: {where}{e}") from None
-                for ex in mixture.examples():
-                    check_context(fmt.encode(ex), context)  # over-long items, templates
+                reusable = stage.lora is None or stage.lora.merge  # as StageReuse.offer
+                plan.stages.append(plan_stage(
+                    vname, seed, stage, mixture, count,
+                    reused_from=first_use.get(keys[k]) if reusable else None))
+                first_use.setdefault(keys[k], f"{vname}/seed{seed}")
         for name in cfg.track:
-            for ex in sets[name]:
-                check_context(fmt.encode(ex), context)
-    return cache, tokenizer
+            count.lengths(sets[name])  # tokenised and checked: evaluated after every stage
+            plan.tracked.setdefault(name, len(sets[name]))
+    return Prepared(cache, tokenizers, plan)
 
 
 def run_experiment(
@@ -151,7 +185,7 @@ def run_experiment(
 ) -> dict[str, Any]:
     from accelerate import Accelerator
 
-    cache, tokenizer = prepare(exp)
+    prepared = prepare(exp)
     base = exp.base
     root = Path(output_dir or base.output.dir) / safe_name(exp.name)
     accelerator = Accelerator()
@@ -159,10 +193,31 @@ def run_experiment(
     try:
         # the main process takes the lock and checks the run directory; every process gets
         # its verdict, so that a refusal stops them all instead of leaving the others waiting
-        main_process_decides(accelerator, lambda: open_run_dir(exp, root, cache, lock, overwrite))
-        return _run_locked(exp, root, cache, tokenizer, accelerator, progress)
+        main_process_decides(accelerator,
+                             lambda: open_run_dir(exp, root, prepared.cache, lock, overwrite))
+        return _run_locked(exp, root, prepared, accelerator, progress)
     finally:
         lock.release()
+
+
+def dry_run(exp: Experiment, output_dir: str | None = None, overwrite: bool = False
+            ) -> tuple[RunPlan, str]:
+    """`factmem run --dry-run`: every check the real run makes before it writes (the same
+    `prepare`, and the run directory read but not locked or written), and the plan. Returns the
+    plan and a line on what the run would do with its directory."""
+    plan = prepare(exp).plan
+    root = Path(output_dir or exp.base.output.dir) / safe_name(exp.name)
+    if not root.exists() or not any(root.iterdir()):
+        return plan, f"would write a new run directory {root}"
+    if overwrite:
+        return plan, f"would delete and rewrite the run directory {root} (--restart)"
+    resolved = {n: to_dict(c) for n, c in exp.variants.items()}
+    check_resumable(root, exp.raw, json.loads(json.dumps(resolved)))  # refuses a changed config
+    paths = RunPaths(root)
+    runs = [(v, s) for v, c in exp.variants.items() for s in c.seeds]
+    done = sum((paths.seed_dir(v, s) / "accuracy.json").is_file() for v, s in runs)
+    return plan, (f"would continue the run in {root}: {done} of {len(runs)} variant/seed runs "
+                  "finished (they are skipped)")
 
 
 def main_process_decides(accelerator, action) -> None:
@@ -202,7 +257,7 @@ def open_run_dir(exp: Experiment, root: Path, cache: SetCache, lock: RunLock,
         io.write_json(root / "data.json", cache.reports)
 
 
-def _run_locked(exp: Experiment, root: Path, cache: SetCache, tokenizer, accelerator,
+def _run_locked(exp: Experiment, root: Path, prepared: Prepared, accelerator,
                 progress: bool) -> dict[str, Any]:
     paths = RunPaths(root)
     reuse = StageReuse(exp, enabled=accelerator.num_processes == 1)
@@ -213,7 +268,7 @@ def _run_locked(exp: Experiment, root: Path, cache: SetCache, tokenizer, acceler
         for seed in cfg.seeds:
             t0 = time.perf_counter()
             results[vname][seed] = run_variant_seed(
-                cfg, vname, seed, cache.sets(cfg), tokenizer, accelerator,
+                cfg, vname, seed, prepared.cache.sets(cfg), prepared.tokenizer(cfg), accelerator,
                 paths.seed_dir(vname, seed), progress, reuse,
             )
             timings[f"{vname}/seed{seed}"] = round(time.perf_counter() - t0, 2)
@@ -248,21 +303,44 @@ def run_variant_seed(
         if reuse:
             reuse.finished(stage_keys(cfg, seed))
         return io.read_json(out / "accuracy.json")
+    # out = RUN_DIR/VARIANT/seedS; trackers log on the main process only
+    tracker = RunTracker(cfg.output.report_to, out.parents[1], cfg.name, safe_name(variant), seed,
+                         to_dict(cfg), enabled=accelerator.is_main_process)
+    try:
+        return _run_stages(cfg, variant, seed, sets, tokenizer, accelerator, out, progress, reuse,
+                           tracker)
+    finally:
+        tracker.finish()
+
+
+def _run_stages(cfg: ExperimentConfig, variant: str, seed: int, sets: dict[str, list[Example]],
+                tokenizer, accelerator, out: Path, progress: bool, reuse: StageReuse | None,
+                tracker: RunTracker) -> dict[str, Any]:
     set_seed(seed)
-    fmt = Formatter(tokenizer, cfg.model.system_prompt, cfg.model.max_length)
+    fmt = Formatter.for_model(tokenizer, cfg.model)
     model = load_model(cfg.model)
     main = accelerator.is_main_process
     tracked = {name: sets[name] for name in cfg.track}
     matrix: dict[str, dict[str, dict[str, float]]] = {}
     keys = stage_keys(cfg, seed)
     done = restore_finished(cfg, out, model, matrix)  # stages finished by an earlier run
+    reused = False
     if done >= 0 and reuse:
         reuse.offer(keys[done], model, matrix, out, done)
     elif reuse:
         done = reuse.restore(keys, model, matrix, out)  # stages already run
+        reused = done >= 0
         if done >= 0 and main:  # on disk too, so that a crash later on does not lose them
             save_stage_weights(model, stage_path(out, cfg, done) / "resume" / "final")
     model = accelerator.prepare(model)
+    offset = 0  # tracking: optimizer steps of this variant and seed before the current stage
+    if tracker.active and reused:  # copied stages were trained elsewhere: log them from files
+        tracker.log_eval(matrix[BASE_STAGE], 0)
+        for k in range(done + 1):
+            offset += tracker.log_stage_files(stage_path(out, cfg, k), k, offset)
+    elif tracker.active:  # continued run: the finished stages were logged by the earlier run
+        offset = sum(io.read_json(stage_path(out, cfg, k) / "metrics.json")["train"]["steps"]
+                     for k in range(done + 1))
 
     def evaluate_tracked(stage_name: str, stage_dir: Path) -> None:
         matrix[stage_name] = {}
@@ -280,6 +358,7 @@ def run_variant_seed(
         matrix[BASE_STAGE] = io.read_json(out / "00-base" / "metrics.json")["eval"]
     elif done < 0:
         evaluate_tracked(BASE_STAGE, out / "00-base")
+        tracker.log_eval(matrix[BASE_STAGE], 0)
         if main:
             io.write_json(out / "00-base" / "metrics.json", {"eval": matrix[BASE_STAGE],
                                                              "model": describe(model)})
@@ -303,8 +382,10 @@ def run_variant_seed(
         # order matters: the regularizers anchor (EWC Fisher, L2 weights, KL teacher) in their
         # on_stage_start, before `ckpt` restores mid-stage weights on resume, so a resumed stage
         # keeps the anchor of the model as it entered the stage (tests/reliability)
+        retention = retention_callbacks(cfg, tracked, stage_dir, stage.name, main)
         callbacks = [FiniteGuard(ckpt, f"{variant} seed{seed} {stage.name}"), *regularizers,
-                     *retention_callbacks(cfg, tracked, stage_dir, stage.name, main), ckpt]
+                     *retention, ckpt,
+                     tracker.callback(k, offset, retention[0] if retention else None)]
         result = train_stage(
             model, accelerator, fmt, mixture.examples(), stage.train, seed=seed,
             memorize_check=check, eval_cfg=cfg.eval,
@@ -313,6 +394,8 @@ def run_variant_seed(
         )
         model = end_stage(model, parts, accelerator)
         evaluate_tracked(stage.name, stage_dir)
+        offset += result.steps
+        tracker.log_eval(matrix[stage.name], offset)
         if main:
             if cfg.output.save_checkpoints:
                 save_checkpoint(accelerator.unwrap_model(model), tokenizer, stage_dir / "checkpoint")

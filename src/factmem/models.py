@@ -90,6 +90,10 @@ def resolve_model_path(name: str) -> str:
             raise ModelError(f"model directory {name} has no config.json (not a Hugging Face model)")
         return str(p)
     if name.count("/") == 1 and not name.startswith((".", "/")):
+        if p.parent.is_dir():  # `runs/tiny-model` with a local runs/: a missing directory, not
+            raise ModelError(  # a hub id (the hub would be tried with a minute of retries)
+                f"model directory {name} does not exist (its parent {p.parent} is a local "
+                "directory; for a hub id of that name, move or rename the local directory)")
         return name  # a hub id: from_pretrained fetches it (or finds it in the HF cache)
     raise ModelError(
         f"model {name!r} not found: not an embedded model ({', '.join(EMBEDDED)}), "
@@ -176,11 +180,15 @@ class Formatter:
     answer tokens follow, so teacher-forced checks and `generate` agree on token boundaries.
     """
 
-    def __init__(self, tokenizer, system_prompt: str | None = None, max_length: int = 2048):
+    def __init__(self, tokenizer, system_prompt: str | None = None, max_length: int = 2048,
+                 template: str = "auto"):
+        if template not in ("auto", "plain", "reference"):
+            raise ValueError(f"unknown template {template!r}")
         self.tok = tokenizer
         self.max_length = max_length
         self.system_prompt = system_prompt
-        self.use_template = bool(getattr(tokenizer, "chat_template", None))
+        self.template = template
+        self.use_template = template == "auto" and bool(getattr(tokenizer, "chat_template", None))
         eos = tokenizer.eos_token
         if eos is None:
             raise ModelError("the tokenizer has no end-of-sequence token: answers could not end")
@@ -194,6 +202,12 @@ class Formatter:
         # "You are a helpful AI assistant named SmolLM..." doubles a KVR example's length), an
         # explicit empty system turn replaces it.
         self.empty_system = self.use_template and system_prompt is None and self._injects_default()
+
+    @classmethod
+    def for_model(cls, tokenizer, cfg: ModelConfig, max_length: int | None = None) -> Formatter:
+        """The formatter a model config asks for (`max_length` overrides the config's)."""
+        return cls(tokenizer, cfg.system_prompt,
+                   cfg.max_length if max_length is None else max_length, cfg.template)
 
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         return self.tok.apply_chat_template(
@@ -221,6 +235,8 @@ class Formatter:
         """The example as (text, is_assistant) pieces; assistant pieces end with end-of-turn."""
         if ex.messages[-1][0] != "assistant":
             raise DataError(f"example {ex.id}: the last turn must be the assistant's")
+        if self.template == "reference":
+            return self._reference_segments(ex)
         if not self.use_template:
             return self._plain_segments(ex)
         msgs = self._messages(ex.messages)
@@ -260,6 +276,28 @@ class Formatter:
                 pieces.append(("\n", False))
             else:
                 pieces.append((content + "\n", False))
+        if self.plain_bos is not None:
+            pieces.insert(0, (self.tok.bos_token, False))
+        return pieces[:-1]  # nothing after the final answer
+
+    def _reference_segments(self, ex: Example) -> list[tuple[str, bool]]:
+        """The reference code's format (open-instruct's): `<|user|>\n{q}\n<|assistant|>\n{a}`
+        + eos, turns joined by newlines, contents stripped, the markers as plain text; BOS when
+        the tokenizer adds one (it tokenises the whole text with special tokens). Loss on the
+        answers and their eos."""
+        pieces: list[tuple[str, bool]] = []
+        system = self.system_prompt
+        for role, content in ex.messages:
+            if role == "system":
+                system = content
+        if system is not None:
+            pieces.append((f"<|system|>\n{system.strip()}\n", False))
+        for role, content in ex.messages:
+            if role == "user":
+                pieces.append((f"<|user|>\n{content.strip()}\n<|assistant|>\n", False))
+            elif role == "assistant":
+                pieces.append((content.strip() + self.tok.eos_token, True))
+                pieces.append(("\n", False))
         if self.plain_bos is not None:
             pieces.insert(0, (self.tok.bos_token, False))
         return pieces[:-1]  # nothing after the final answer

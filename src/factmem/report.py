@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from factmem import io
-from factmem.analysis.run import collect_graded, collect_retention, load_run, read_jsonl, stage_dirs
+from factmem.analysis.run import collect_graded, collect_retention, open_run, read_jsonl, stage_dirs
 from factmem.compare import load_comparison
 from factmem.compare import to_markdown as compare_markdown
 from factmem.errors import FactmemError
@@ -60,7 +60,7 @@ class RunData:
 def load_data(run_dir: str | Path) -> RunData:
     from factmem.experiment import RunPaths
 
-    root, exp = load_run(run_dir)
+    root, exp = open_run(run_dir)
     base = exp.base
     accuracy: dict[str, dict[int, dict[str, Any]]] = {}
     tables: dict[str, list[dict[str, Any]]] = defaultdict(list)

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 STATE = "state.json"
 # Settings that change how a run is carried out but not what it computes: may differ on resume.
-OPERATIONAL_KEYS = ("output.checkpoint_every",)
+OPERATIONAL_KEYS = ("output.checkpoint_every", "output.report_to")
 
 
 class NumericalError(FactmemError):
@@ -336,10 +336,13 @@ class FiniteGuard(StageCallback):
         self.where = where
 
     def on_before_optimizer_step(self, ctx: StageContext) -> None:
-        model = ctx.accelerator.unwrap_model(ctx.model)
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        # one flag per tensor, one sync at the end (~0.05 s for 135M parameters on CPU)
-        bad = grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if ctx.grad_norm is not None:  # the loop's total norm: non-finite iff a gradient is
+            bad = not bool(torch.isfinite(ctx.grad_norm))
+        else:
+            model = ctx.accelerator.unwrap_model(ctx.model)
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            bad = bool(grads) and not bool(torch.stack([torch.isfinite(g).all()
+                                                        for g in grads]).all())
         if not bad:
             return
         record = {"step": ctx.step + 1, "epoch": ctx.epoch, "batch": ctx.position + 1,

@@ -30,6 +30,9 @@ def test_same_config_continues_and_operational_keys_may_change(tmp_path):
     check_resumable(root, raw, resolved)
     check_resumable(root, {**raw, "output": {"checkpoint_every": 9}},
                     {"default": {"train": {"lr": 1e-3}, "output": {"checkpoint_every": 9}}})
+    tracked = {"checkpoint_every": 5, "report_to": ["tensorboard"]}  # tracking added later
+    check_resumable(root, {**raw, "output": tracked},
+                    {"default": {"train": {"lr": 1e-3}, "output": tracked}})
 
 
 def test_a_changed_resolved_setting_is_named_with_its_variant(tmp_path):

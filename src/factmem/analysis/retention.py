@@ -73,6 +73,8 @@ def retention_callbacks(cfg, tracked: dict[str, list[Example]], stage_dir: Path,
     every = cfg.eval.retention_every
     if cfg.eval.retention_sets is not None:
         tracked = {name: tracked[name] for name in cfg.eval.retention_sets}
+    if cfg.eval.retention_stages is not None and stage not in cfg.eval.retention_stages:
+        return []
     if not every or not tracked:
         return []
     return [RetentionCallback(tracked, every, stage_dir / RETENTION_FILE, stage,

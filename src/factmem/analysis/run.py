@@ -64,7 +64,9 @@ def stage_dirs(cfg: ExperimentConfig, seed_dir: Path) -> list[tuple[str, str | N
     return out
 
 
-def load_run(run_dir: str | Path):
+def open_run(run_dir: str | Path) -> tuple[Path, Any]:
+    """(root, Experiment) of a run directory, for the instruments that read it (the public
+    `factmem.load_run` returns its results as tables instead)."""
     root = Path(run_dir)
     if not (root / "config.yaml").is_file():
         raise FactmemError(f"{root}: not a run directory (no config.yaml); "
@@ -83,7 +85,7 @@ def analyze(run_dir: str | Path, what: Sequence[str] = WHAT, block: int = 1,
 
     if block < 1:
         raise FactmemError("--block: must be >= 1")
-    root, exp = load_run(run_dir)
+    root, exp = open_run(run_dir)
     unknown = [v for v in variants if v not in exp.variants]
     if unknown:
         raise FactmemError(f"--variant: {unknown[0]!r} is not a variant of this run "
@@ -166,7 +168,7 @@ def model_based(cfg: ExperimentConfig, sets, dirs, key, what, block: int, batch_
     from factmem.models import Formatter, load_model, load_tokenizer
 
     tok = load_tokenizer(cfg.model)
-    fmt = Formatter(tok, cfg.model.system_prompt, cfg.model.max_length)
+    fmt = Formatter.for_model(tok, cfg.model)
     prev_state = None  # weights before the current stage
     for i, (stage, trained_set, d) in enumerate(dirs):
         ckpt = d / "checkpoint"

@@ -121,7 +121,7 @@ def filter_unknown(
     t0 = time.perf_counter()
     tokenizer = tokenizer or load_tokenizer(model_cfg)
     model = model or load_model(model_cfg)
-    fmt = Formatter(tokenizer, model_cfg.system_prompt, model_cfg.max_length)
+    fmt = Formatter.for_model(tokenizer, model_cfg)
     preds = judge(model, fmt, examples, shots, match, batch_size, max_new_tokens)
     seconds = round(time.perf_counter() - t0, 2)
     known = [p["id"] for p in preds if p["known"]]
@@ -143,7 +143,7 @@ def refine_set(name: str, cfg, examples: list[Example], model_cfg, tokenizer_fn,
 
     report: dict[str, Any] = {"built": len(examples)}
     if cfg.max_tokens is not None:
-        fmt = Formatter(tokenizer_fn(), model_cfg.system_prompt, max_length=10**9)
+        fmt = Formatter.for_model(tokenizer_fn(), model_cfg, max_length=10**9)
         examples, dropped = drop_long(examples, fmt, cfg.max_tokens)
         report["max_tokens"] = {"limit": cfg.max_tokens, "dropped": len(dropped),
                                 "dropped_ids": dropped}

@@ -287,6 +287,60 @@ GOOGLE_RE_TEMPLATES = {
 }
 
 
+# T-REx relations: the templates of LAMA's data/relations.jsonl (facebookresearch/LAMA data
+# release), 41 relations with T-REx files plus 5 without (P166, P69, P54, P1923, P102). The raw
+# T-REx rows carry only `predicate_id`, so released files load as they are with this table.
+# Note P1923 puts the object first ("[Y] participated in the [X] .").
+TREX_TEMPLATES = {
+    "P19": "[X] was born in [Y] .",
+    "P20": "[X] died in [Y] .",
+    "P279": "[X] is a subclass of [Y] .",
+    "P37": "The official language of [X] is [Y] .",
+    "P413": "[X] plays in [Y] position .",
+    "P166": "[X] was awarded the [Y] .",
+    "P449": "[X] was originally aired on [Y] .",
+    "P69": "[X] was educated at the University of [Y] .",
+    "P47": "[X] shares border with [Y] .",
+    "P138": "[X] is named after [Y] .",
+    "P364": "The original language of [X] is [Y] .",
+    "P54": "[X] plays with [Y] .",
+    "P463": "[X] is a member of [Y] .",
+    "P101": "[X] works in the field of [Y] .",
+    "P1923": "[Y] participated in the [X] .",
+    "P106": "[X] is a [Y] by profession .",
+    "P527": "[X] consists of [Y] .",
+    "P102": "[X] is a member of the [Y] political party .",
+    "P530": "[X] maintains diplomatic relations with [Y] .",
+    "P176": "[X] is produced by [Y] .",
+    "P27": "[X] is [Y] citizen .",
+    "P407": "[X] was written in [Y] .",
+    "P30": "[X] is located in [Y] .",
+    "P178": "[X] is developed by [Y] .",
+    "P1376": "[X] is the capital of [Y] .",
+    "P131": "[X] is located in [Y] .",
+    "P1412": "[X] used to communicate in [Y] .",
+    "P108": "[X] works for [Y] .",
+    "P136": "[X] plays [Y] music .",
+    "P17": "[X] is located in [Y] .",
+    "P39": "[X] has the position of [Y] .",
+    "P264": "[X] is represented by music label [Y] .",
+    "P276": "[X] is located in [Y] .",
+    "P937": "[X] used to work in [Y] .",
+    "P140": "[X] is affiliated with the [Y] religion .",
+    "P1303": "[X] plays [Y] .",
+    "P127": "[X] is owned by [Y] .",
+    "P103": "The native language of [X] is [Y] .",
+    "P190": "[X] and [Y] are twin cities .",
+    "P1001": "[X] is a legal term in [Y] .",
+    "P31": "[X] is a [Y] .",
+    "P495": "[X] was created in [Y] .",
+    "P159": "The headquarter of [X] is in [Y] .",
+    "P36": "The capital of [X] is [Y] .",
+    "P740": "[X] was founded in [Y] .",
+    "P361": "[X] is part of [Y] .",
+}
+
+
 @dataclass
 class LAMAParams(HubParams):
     hub: str | None = "facebook/lama"
@@ -294,7 +348,8 @@ class LAMAParams(HubParams):
     config: str | None = "trex"
     """hub configuration: trex or google_re"""
     relations_path: str | None = None
-    """T-REx relations file (relation, template); default: relations.jsonl beside `path`"""
+    """T-REx relations file (relation, template) whose templates override LAMA's built-in ones;
+    default: relations.jsonl beside `path` if there is one"""
     prompt_template: str = "Fill in the blank: {question}"
     """user turn; {question} is the relation template with the subject and a ___ blank"""
 
@@ -307,16 +362,19 @@ def lama_question(template: str, subject: str) -> str:
 
 
 def lama_templates(params: LAMAParams) -> dict[str, str]:
-    if params.path is None:
-        return {}
-    rel = Path(params.relations_path) if params.relations_path else \
-        Path(params.path).parent / "relations.jsonl"
-    if not rel.is_file():
-        if params.relations_path:
-            raise DataError(f"{rel}: no such file")
-        return {}
-    return {str(r.data["relation"]): str(r.data["template"])
-            for r in read_records(rel, ("relation", "template"))}
+    """Relation -> template: LAMA's T-REx templates, overridden by a relations file's."""
+    templates = dict(TREX_TEMPLATES)
+    if params.relations_path:
+        rel: Path | None = Path(params.relations_path)
+        if not rel.is_file():
+            raise DataError(f"relations_path {rel}: no such file")
+    else:
+        beside = Path(params.path).parent / "relations.jsonl" if params.path else None
+        rel = beside if beside is not None and beside.is_file() else None
+    if rel is not None:
+        templates.update({str(r.data["relation"]): str(r.data["template"])
+                          for r in read_records(rel, ("relation", "template"))})
+    return templates
 
 
 @register_source("lama", LAMAParams, kind="factoid")
@@ -333,7 +391,9 @@ def lama(params: LAMAParams, n: int | None, offset: int, seed: int) -> list[Exam
             relation = need(row, "predicate_id")
             template = row.get("template") or templates.get(relation)
         if template is None:
-            raise RowError(f"no template for relation {relation!r} (give `relations_path`)")
+            raise RowError(f"no template for relation {relation!r} (not one of LAMA's "
+                           f"{len(TREX_TEMPLATES)} T-REx relations; give `relations_path`, a "
+                           "file of {relation, template} rows)")
         aliases = [a for a in row.get("obj_aliases") or [] if isinstance(a, str)]
         return qa_item(lama_question(template, subject), text_list([obj, *aliases], "obj_label"),
                        p.prompt_template, relation=relation, subject=subject)

@@ -58,13 +58,16 @@ def read_records(path: str | Path, required: Sequence[str] = (), key: str | None
         records = [Record(i + 1, row) for i, row in enumerate(data)]
     else:
         records = []
-        for i, line in enumerate(text.splitlines(), start=1):
+        lines = text.splitlines()
+        for i, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 records.append(Record(i, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: malformed JSON ({e.msg})") from None
+                cut = i == len(lines) and not text.endswith("\n")  # a copy or write cut short
+                hint = "; the file ends in the middle of this row (truncated?)" if cut else ""
+                raise DataError(f"{path}:{i}: malformed JSON ({e.msg}){hint}") from None
     return _check_records(path, records, required)
 
 
@@ -75,7 +78,8 @@ def _read_arrow(p: Path) -> list[Record]:
         if not (p / "dataset_info.json").is_file() and not (p / "state.json").is_file():
             subs = sorted(d.name for d in p.iterdir() if (d / "state.json").is_file())
             hint = f"; it holds the splits {subs}: give one of them" if subs else ""
-            raise DataError(f"{p}: not a file nor a `save_to_disk` dataset folder{hint}")
+            raise DataError(f"{p}: a directory, neither a data file (.jsonl, .json, .csv, .tsv, "
+                            f".parquet) nor a `save_to_disk` dataset folder{hint}")
         from datasets import load_from_disk
 
         try:

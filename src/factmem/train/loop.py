@@ -66,6 +66,7 @@ class StageContext:
     batch_ids: list[str] = field(default_factory=list)  # example ids of the current step's batch
     batch_items: list[Encoded] = field(default_factory=list)  # the step's global batch, encoded
     micro: MicroStep | None = None  # the micro-batch being trained (set before `extra_loss`)
+    grad_norm: torch.Tensor | None = None  # the step's total gradient norm, before clipping
     resume: ResumePoint | None = None  # set in on_stage_start by a callback that restores a stage
 
 
@@ -298,6 +299,7 @@ class _Run:
         self.memorized_epoch: int | None = None
         self.em: float | None = None
         self.skip = 0  # batches of the first epoch already done (resume)
+        self.grad_norm = float("nan")
 
     def batches(self, epoch: int) -> list[list[int]]:
         return stage_batches(self.cfg.batching, self.data.lengths, self.data.groups,
@@ -327,7 +329,7 @@ class _Run:
         for batch in bar:
             loss, tok_acc = self.step(batch)
             row = {"step": ctx.step, "epoch": epoch, "loss": loss, "tok_acc": tok_acc,
-                   "lr": ctx.scheduler.get_last_lr()[0]}
+                   "lr": ctx.scheduler.get_last_lr()[0], "grad_norm": self.grad_norm}
             ctx.log.append(row)
             stop = ctx.rule.after_step(loss)  # before the callbacks: checkpoints see its counters
             for cb in self.callbacks:
@@ -368,8 +370,11 @@ class _Run:
         if not micro:  # more processes than items in this batch: join with the penalties only
             zero = sum(p.sum() for p in ctx.model.parameters()) * 0.0
             acc.backward(self.with_extra(zero, [], 1.0))
-        if self.cfg.grad_clip is not None:
-            acc.clip_grad_norm_(ctx.model.parameters(), self.cfg.grad_clip)
+        # the total gradient norm, before clipping (clipping at infinity measures it without
+        # clipping); FiniteGuard reads it: non-finite iff some gradient is (one pass over the
+        # gradients instead of an isfinite per tensor, 0.17 s of a 0.8 s SmolLM2 step)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
+        ctx.grad_norm = acc.clip_grad_norm_(ctx.model.parameters(), clip)
         for cb in self.callbacks:
             cb.on_before_optimizer_step(ctx)
         ctx.optimizer.step()
@@ -378,6 +383,7 @@ class _Run:
         ctx.step += 1
         ctx.position += 1
         ctx.tokens += sum(self.data.lengths[i] for i in batch)
+        self.grad_norm = float(ctx.grad_norm) if ctx.grad_norm is not None else float("nan")
         stats = torch.tensor([loss_total, hits_total], dtype=torch.float64, device=acc.device)
         stats = acc.reduce(stats, reduction="sum") if world > 1 else stats
         self.loss = stats[0].item() / n_tokens
