@@ -70,6 +70,11 @@ def test_comparison_pairs_facts_and_refuses_unmemorized_runs(tmp_path):
     # per fact the difference is 0, +1, +1, 0: the interval comes from the facts
     assert 0 < remix["diff_correct"]["low"] < 0.5 < remix["diff_correct"]["high"] < 1
     assert "not compared: not memorized (seed 0: s2: b 75.0%)" in md
+    # a baseline that did not memorize cannot be compared with either
+    exp2 = experiment_from_dict({**RAW, "baseline": "broken"})
+    rows2 = {r["variant"]: r for r in comparison(tmp_path, exp2)["rows"]}
+    assert rows2["remix"]["not_memorized"] == {"0": ["baseline s2: b 75.0%"]}
+    assert "diff_correct" not in rows2["remix"]
 
 
 def test_an_unknown_baseline_is_refused():

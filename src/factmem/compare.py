@@ -92,6 +92,8 @@ def _row(variant, base, name, cfg, bcfg, paths, last, stage_path) -> dict[str, A
             continue  # not run (yet)
         row["seeds"].append(seed)
         failed = _failed_stages(cfg, out)
+        if variant != base:  # a difference needs both sides to have memorized
+            failed += [f"baseline {f}" for f in _failed_stages(bcfg, bout)]
         if failed:
             row["not_memorized"][str(seed)] = failed
         for m in METRICS:
