@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from factmem.data.examples import Example
+from factmem.distributed import is_sharded
 from factmem.models import Encoded, Formatter
 from factmem.scoring import match_answer, rouge_l
 
@@ -124,6 +125,7 @@ def generate_answers(model, fmt: Formatter, items: Sequence[Encoded], batch_size
             input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
             max_new_tokens=max(max_new_tokens, longest_gold + 1), eos_token_id=fmt.eos_id,
             pad_token_id=tok.pad_token_id, use_cache=True,
+            synced_gpus=is_sharded(model),  # FSDP: every rank steps until all are done
         )
         for row, i in enumerate(batch):
             texts[i] = tok.decode(out[row, ids.shape[1] :], skip_special_tokens=True)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import yaml
 
+from factmem import distributed as dist
 from factmem import io
 from factmem.analysis.retention import retention_callbacks
 from factmem.config import Experiment, ExperimentConfig, SetConfig, to_dict
@@ -143,12 +144,11 @@ def run_experiment(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    from accelerate import Accelerator
-
     cache, tokenizer = prepare(exp)
     base = exp.base
     root = Path(output_dir or base.output.dir) / safe_name(exp.name)
-    accelerator = Accelerator()
+    dist.check_fsdp_run([st for cfg in exp.variants.values() for st in cfg.stages])
+    accelerator = dist.make_accelerator()
     lock = RunLock(root)  # one writer per run directory
     try:
         # the main process takes the lock and checks the run directory; every process gets
@@ -200,6 +200,9 @@ def _run_locked(exp: Experiment, root: Path, cache: SetCache, tokenizer, acceler
                 progress: bool) -> dict[str, Any]:
     paths = RunPaths(root)
     reuse = StageReuse(exp, enabled=accelerator.num_processes == 1)
+    if accelerator.num_processes > 1 and any(n > 1 for n in reuse.uses.values()):
+        log.info("stage reuse is off with %d processes (weights are not kept across variants): "
+                 "variants that share stages train them again", accelerator.num_processes)
     results: dict[str, dict[int, dict[str, Any]]] = {}
     timings: dict[str, Any] = {}
     for vname, cfg in exp.variants.items():
@@ -252,7 +255,7 @@ def run_variant_seed(
         done = reuse.restore(keys, model, matrix, out)  # stages already run
         if done >= 0 and main:  # on disk too, so that a crash later on does not lose them
             save_stage_weights(model, stage_path(out, cfg, done) / "resume" / "final")
-    model = accelerator.prepare(model)
+    model = dist.prepare_model(model, accelerator)  # sharded under FSDP
 
     def evaluate_tracked(stage_name: str, stage_dir: Path) -> None:
         matrix[stage_name] = {}
@@ -284,7 +287,7 @@ def run_variant_seed(
         check = [e for n in trained for e in sets[n] if e.kind == "factoid"] or None
         model, parts = begin_stage(model, stage, accelerator)  # LoRA, freezing
         regularizers = build_regularizers(stage, previous_factoids(cfg, k, sets),
-                                          mixture.ids("mix"), stage_dir if main else None)
+                                          mixture.ids("mix"), stage_dir)
         ckpt = StageCheckpointer(stage_dir / "resume", cfg.output.checkpoint_every, write=main)
         # order matters: the regularizers anchor (EWC Fisher, L2 weights, KL teacher) in their
         # on_stage_start, before `ckpt` restores mid-stage weights on resume, so a resumed stage
@@ -298,11 +301,14 @@ def run_variant_seed(
         )
         model = end_stage(model, parts, accelerator)
         evaluate_tracked(stage.name, stage_dir)
+        # weights first, metrics.json last: metrics.json marks the stage as finished. Under
+        # FSDP every process takes part in saving weights; otherwise the main process writes.
+        if cfg.output.save_checkpoints:
+            save_checkpoint(accelerator.unwrap_model(model), tokenizer, stage_dir / "checkpoint",
+                            write=main)
+        save_stage_weights(accelerator.unwrap_model(model), stage_dir / "resume" / "final",
+                           write=main)
         if main:
-            if cfg.output.save_checkpoints:
-                save_checkpoint(accelerator.unwrap_model(model), tokenizer, stage_dir / "checkpoint")
-            # weights first, metrics.json last: metrics.json marks the stage as finished
-            save_stage_weights(accelerator.unwrap_model(model), stage_dir / "resume" / "final")
             io.write_jsonl(stage_dir / "train_log.jsonl", result.log)
             io.write_json(stage_dir / "metrics.json",
                           {"train": result.to_json(), "eval": matrix[stage.name],
@@ -452,13 +458,27 @@ def accuracy_record(cfg: ExperimentConfig, matrix: dict[str, dict[str, dict[str,
     }
 
 
-def save_checkpoint(model, tokenizer, path: Path) -> None:
+def save_checkpoint(model, tokenizer, path: Path, write: bool = True) -> None:
+    """A Hugging Face model directory (loads with from_pretrained). A sharded model is gathered
+    one tensor at a time by every process and written by rank 0; otherwise the process where
+    `write` is true writes it."""
+    sharded = dist.is_sharded(model)
+    if not (write or sharded):
+        return
     tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    main = dist.rank() == 0 if sharded else True
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if sharded:
+        dist.save_pretrained_gathered(model, tokenizer, tmp)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    if main:
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    if sharded:
+        dist.barrier()
 
 
 def log_stage(variant: str, seed: int, stage: str, result, row: dict[str, dict[str, float]]) -> None:

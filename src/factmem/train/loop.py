@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from factmem import distributed as dist
 from factmem.config import EvalConfig, TrainConfig
 from factmem.data import Example
 from factmem.evaluate import answer_logits, evaluate_examples, pad_batch, summarize
@@ -154,7 +155,8 @@ def train_stage(
     steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * rule.max_epochs)
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    optimizer, scheduler = dist.prepare_training(accelerator, optimizer, scheduler)
+    sharded = dist.is_sharded(model)
     world, rank = accelerator.num_processes, accelerator.process_index
     pad_id = fmt.tok.pad_token_id
     eval_cfg = eval_cfg or EvalConfig()
@@ -192,23 +194,26 @@ def train_stage(
             shard = batch[rank::world]
             ctx.batch_ids = [encoded[i].id for i in batch]
             micro = split_micro(shard, cfg.grad_accum)
+            real = len(micro)
+            if sharded:  # FSDP: as many passes as the busiest rank, the extra ones weigh 0
+                micro = dist.pad_micro_batches(micro, batch, world, cfg.grad_accum)
             n_tokens = sum(sum(1 for x in encoded[i].labels[1:] if x != -100) for i in batch)
             loss_total, hits_total = 0.0, 0
             for j, mb in enumerate(micro):
                 sync = j == len(micro) - 1
-                sync_ctx = accelerator.no_sync(model) if not sync and world > 1 else _nullcontext()
-                with sync_ctx:
+                weight = 1.0 if j < real else 0.0
+                with dist.no_sync(accelerator, model, skip=not sync and world > 1):
                     items = [encoded[i] for i in mb]
                     loss_sum, _, hits = batch_loss(model, items, pad_id, accelerator.device)
-                    # DDP averages gradients over processes: scale back up by `world`
-                    loss = loss_sum * world / n_tokens
+                    # DDP and FSDP average gradients over processes: scale back up by `world`
+                    loss = loss_sum * world / n_tokens if weight else loss_sum * 0.0
                     for cb in callbacks:
-                        extra = cb.extra_loss(ctx, items, len(mb) / len(shard))
+                        extra = cb.extra_loss(ctx, items, weight * len(mb) / max(len(shard), 1))
                         if extra is not None:
                             loss = loss + extra
                     accelerator.backward(loss)
-                loss_total += loss_sum.item()
-                hits_total += hits
+                loss_total += weight * loss_sum.item()
+                hits_total += hits if weight else 0
             if not micro:  # more processes than items in this batch: join with a zero grad
                 accelerator.backward(sum(p.sum() for p in model.parameters()) * 0.0)
             if cfg.grad_clip is not None:
@@ -262,11 +267,3 @@ def train_stage(
         padding_fraction=sum(pad_fracs) / max(len(pad_fracs), 1), tokens=tokens,
         seconds=time.perf_counter() - start, log=log,
     )
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
