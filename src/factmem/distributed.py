@@ -212,12 +212,13 @@ def prepare_model(model, accelerator):
 
 
 def prepare_training(accelerator, optimizer, scheduler):
-    """Optimizer and scheduler as the loop uses them. Under FSDP they stay plain: accelerate's
-    wrappers expect its own FSDP2 preparation (and its scheduler wrapper steps once per process
-    when batches are not split)."""
+    """Optimizer and scheduler as the loop uses them. Under FSDP both stay plain: accelerate's
+    optimizer wrapper expects its own FSDP2 preparation. The scheduler stays plain with any
+    process count: accelerate's wrapper steps it once per process at every optimizer step
+    (it assumes each process brought a batch of its own; factmem splits one global batch)."""
     if is_sharded_run():
         return optimizer, scheduler
-    return accelerator.prepare(optimizer, scheduler)
+    return accelerator.prepare(optimizer), scheduler
 
 
 def is_sharded_run() -> bool:

@@ -274,8 +274,9 @@ def run_variant_seed(
     elif done < 0:
         evaluate_tracked(BASE_STAGE, out / "00-base")
         if main:
-            io.write_json(out / "00-base" / "metrics.json", {"eval": matrix[BASE_STAGE],
-                                                             "model": describe(model)})
+            io.write_json(out / "00-base" / "metrics.json",
+                          {"eval": matrix[BASE_STAGE],
+                           "model": describe(accelerator.unwrap_model(model))})
     for k, stage in enumerate(cfg.stages):
         if k <= done:
             continue
