@@ -283,15 +283,9 @@ def pad_micro_batches(micro: list[list[int]], batch: list[int], world: int,
 def model_tensors(model) -> dict[str, torch.Tensor]:
     """The model's state dict without tied duplicates (lm_head sharing the embeddings is kept
     once, under the first name, as save_pretrained does); DTensors under FSDP."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, t in model.state_dict().items():
-        ptr = local(t).untyped_storage().data_ptr()
-        if ptr in seen and local(t).numel() > 0:
-            continue
-        seen.add(ptr)
-        out[name] = t
-    return out
+    kept = {n for n, _ in model.named_parameters()}  # a shared parameter under its first name
+    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return {n: t for n, t in model.state_dict().items() if n in kept or n not in every}
 
 
 def rng_state() -> dict[str, Any]:
@@ -432,13 +426,17 @@ def save_gathered(tensors: dict[str, torch.Tensor], dir: Path, stem: str = "mode
             if main:
                 buf[key] = whole.to("cpu", copy=True).contiguous()
             del whole
-        if main:
-            save_file(buf, str(dir / fname), metadata={"format": "pt", **(metadata or {})})
+        if main:  # a temporary name, renamed: no half-written file under the final name
+            tmp = dir / f".{fname}.tmp"
+            save_file(buf, str(tmp), metadata={"format": "pt", **(metadata or {})})
+            os.replace(tmp, dir / fname)
         del buf
     if main and len(plan) > 1:
-        index = {"metadata": {"total_size": sum(sizes.values())},
-                 "weight_map": {k: f for f, keys in zip(names, plan) for k in keys}}
-        (dir / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        from factmem import io
+
+        io.write_json(dir / f"{stem}.safetensors.index.json",
+                      {"metadata": {"total_size": sum(sizes.values())},
+                       "weight_map": {k: f for f, keys in zip(names, plan) for k in keys}})
     return names
 
 

@@ -172,27 +172,31 @@ class WeightAnchor(StageCallback):
             self.fisher = {n: f.to(self.anchor[n].dtype) for n, f in self.fisher.items()}
             extra += tensor_bytes(self.fisher.values())
             if self.out_dir is not None:
-                self._save_fisher(self.out_dir / FISHER_FILE, ctx.accelerator.is_main_process)
-                self.info["fisher_file"] = FISHER_FILE
+                self.info["fisher_file"] = self._save_fisher(self.out_dir / FISHER_FILE,
+                                                             ctx.accelerator.is_main_process)
         self.info.update(parameters=sum(t.numel() for t in self.anchor.values()),
                          extra_bytes=extra)
         log.info("%s: anchored %d parameters (%.1f MB extra)", self.cfg.kind,
                  self.info["parameters"], extra / 2**20)
 
-    def _save_fisher(self, path: Path, write: bool) -> None:
+    def _save_fisher(self, path: Path, write: bool) -> str:
+        """Writes the Fisher; returns the file to read it from (under FSDP, past 5 GB, an
+        index over several files, as save_pretrained writes large models)."""
         from safetensors.torch import save_file
 
         metadata = {"normalized": str(self.cfg.normalize)}
         if self.sharded:  # gathered tensor by tensor, written by rank 0
-            dist.save_gathered(self.fisher or {}, path.parent, path.name.split(".")[0], metadata)
-            return
+            stem = path.name.removesuffix(".safetensors")
+            names = dist.save_gathered(self.fisher or {}, path.parent, stem, metadata)
+            return names[0] if len(names) == 1 else f"{stem}.safetensors.index.json"
         if not write:
-            return
+            return path.name
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file({n: f.detach().contiguous().cpu() for n, f in self.fisher.items()}, str(tmp),
                   metadata=metadata)
         tmp.replace(path)
+        return path.name
 
     def penalty(self, model=None) -> torch.Tensor:
         """The penalty over the parameters anchored at stage start; under FSDP over this rank's
