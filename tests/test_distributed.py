@@ -304,3 +304,37 @@ def test_gathered_weights_split_into_files_load_with_from_pretrained(tiny_model_
         assert n == m and torch.equal(p, q)
     assert "lm_head.weight" not in json.loads(
         (tmp_path / "split" / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+RESHARD_SCRIPT = """
+import torch, torch.distributed as td
+from transformers import AutoModelForCausalLM
+from factmem import distributed as dist
+td.init_process_group("gloo", rank=0, world_size=1)
+out = []
+for hook in (True, False):
+    if not hook:
+        dist._reshard_after_evaluation = lambda module, args, output: None
+    model = AutoModelForCausalLM.from_pretrained({path!r})
+    dist.shard(model, dist.FsdpSettings(False, ()), torch.device("cpu"))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+    out.append(sorted({{type(p).__name__ for p in model.parameters()}}))
+print(out)
+"""
+
+
+def test_an_evaluation_leaves_the_model_sharded(tiny_model_dir):
+    """With `fsdp_reshard_after_forward: false` FSDP2 keeps parameters gathered after a forward
+    pass, for the backward pass; after an evaluation none follows, and an optimizer built then
+    would hold whole tensors that never get gradients. factmem reshards after passes without
+    gradients (checked on one process: the world size does not matter here)."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", RESHARD_SCRIPT.format(path=str(tiny_model_dir))],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with_hook, without = json.loads(proc.stdout.strip().splitlines()[-1].replace("'", '"'))
+    assert with_hook == ["DTensor"]
+    assert without == ["Parameter"]  # every layer left gathered: what the hook prevents

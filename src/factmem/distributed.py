@@ -186,16 +186,19 @@ def shard(model, settings: FsdpSettings, device: torch.device) -> int:
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=settings.reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=settings.reshard_after_forward)
-    # FSDP2 keeps the root's parameters gathered after a forward pass, for the backward pass.
-    # After an evaluation (no gradients) none follows, and the module would go on showing whole
-    # tensors where the optimizer, the regularizers and the checkpoints expect its shards.
+    # With reshard_after_forward false (or torch's default for a root), FSDP2 keeps parameters
+    # gathered after a forward pass, for the backward pass. After an evaluation none follows,
+    # and the module would go on showing whole tensors where the optimizer, the regularizers
+    # and the checkpoints expect its shards.
     model.register_forward_hook(_reshard_after_evaluation)
     return len(layers)
 
 
 def _reshard_after_evaluation(module, args: Any, output: Any) -> None:
     if not torch.is_grad_enabled():
-        module.reshard()
+        for m in module.modules():  # each shard unit gathers and reshards its own parameters
+            if hasattr(m, "reshard"):
+                m.reshard()
 
 
 def prepare_model(model, accelerator):
