@@ -17,6 +17,7 @@ from factmem.experiment import RunPaths, stage_path
 def test_bootstrap_interval_is_paired_and_reproducible():
     same = bootstrap([[0.5] * 10, [0.5] * 10, [0.5] * 10])
     assert same["mean"] == same["low"] == same["high"] == 0.5 and same["se"] == 0.0
+    assert same["mde"] is None  # no variation: no power figure
     noisy = [[1, 0, 1, 1, 0, 1, 0, 1], [0, 0, 1, 0, 1, 0, 0, 0], [1, 1, 1, 0, 1, 1, 0, 1]]
     a, b = bootstrap(noisy), bootstrap(noisy)
     assert a == b  # seeded

@@ -15,6 +15,7 @@ import yaml
 from factmem.cli import main
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+CPU_DDP = SRC.parent / "configs" / "accelerate" / "cpu-2proc.yaml"
 
 
 def mp_config(model_dir: Path, tmp: Path, epochs: int = 30) -> Path:
@@ -39,12 +40,18 @@ def mp_config(model_dir: Path, tmp: Path, epochs: int = 30) -> Path:
 
 def launch(config: Path, out: Path, processes: int,
            timeout: int = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file configs/accelerate/cpu-2proc.yaml` (DDP on gloo). Not
+    `--cpu --num_processes N`: accelerate 1.15 then starts ONE process (its CPU launcher
+    expects mpirun), which is what this test ran until the FSDP work found it out."""
+    from test_distributed import free_port
+
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP),
+           "--num_processes", str(processes), "--main_process_port", str(free_port()),
            "-m", "factmem", "run", str(config), "--no-progress", "--output", str(out)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
 
 
 def files(root: Path) -> set[str]:
@@ -59,6 +66,7 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path, capsys):
     proc = launch(cfg, tmp_path / "two", 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("| naive |") == 1  # the table is printed by the main process only
+    assert proc.stderr.count("naive seed0 s1: 30 epochs") == 2  # two processes really ran
     one, two = tmp_path / "one" / "mp", tmp_path / "two" / "mp"
     assert files(one) == files(two)
     acc1 = json.loads((one / "naive/seed0/accuracy.json").read_text())
@@ -73,9 +81,10 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path, capsys):
         assert len(log1) == len(log2) == 60
         # losses are reduced across ranks: the global mean, as one process computes it. The
         # first step of a stage agrees to float32 rounding; later steps drift apart because
-        # gradients summed in another order compound over the updates (measured: at most 9e-6
-        # relative in stage 1 and 1.7e-4 by stage 2's 60th update), far below what a wrong
-        # shard or normalisation gives.
+        # gradients summed in another order compound over the updates (measured with two
+        # processes really running: at most 9.3e-6 relative in stage 1 and 5.1e-4 by stage 2's
+        # 60th update; the final mean gold log-prob 1.5e-4), far below what a wrong shard or
+        # normalisation gives.
         assert log2[0]["loss"] == pytest.approx(log1[0]["loss"], rel=1e-5)
         for r1, r2 in zip(log1, log2):
             assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-3, abs=1e-6)
@@ -84,7 +93,7 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path, capsys):
         m2 = json.loads((two / "naive/seed0" / stage / "metrics.json").read_text())
         assert m1["train"]["tokens"] == m2["train"]["tokens"]
         for name in m1["eval"]:
-            assert m1["eval"][name] == pytest.approx(m2["eval"][name], rel=1e-4)
+            assert m1["eval"][name] == pytest.approx(m2["eval"][name], rel=1e-3)
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ experiment config validates."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,25 @@ def test_launcher_config_parses(path):
         # no class list: accelerate then wraps the model's own `_no_split_modules`
         assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp
         assert raw["mixed_precision"] == "no"  # bf16 weights already (model.dtype auto)
+
+
+@pytest.mark.parametrize("path", [p for p in LAUNCH if "fsdp" in p.name], ids=lambda p: p.name)
+def test_fsdp_configs_pass_factmems_checks_as_accelerate_passes_them(path, monkeypatch):
+    """The environment `accelerate launch --config_file PATH` gives each process, read by
+    factmem's FSDP path: nothing it would refuse, and the settings it shards with."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from factmem.distributed import FsdpSettings, fsdp_settings
+
+    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "factmem"])
+    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
+    for key in [k for k in os.environ if k.startswith(("FSDP_", "ACCELERATE_"))]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(key, value)
+    assert fsdp_settings() == FsdpSettings(reshard_after_forward=True, layer_classes=())
 
 
 def test_no_split_modules_name_the_decoder_layer(tiny_model_dir):

@@ -50,7 +50,8 @@ def bootstrap(diffs: list[list[float]], resamples: int = RESAMPLES, seed: int = 
     se = float(means.std(ddof=1))
     return {"mean": float(np.mean([a.mean() for a in arrays])),
             "low": float(np.percentile(means, 2.5)), "high": float(np.percentile(means, 97.5)),
-            "se": se, "mde": Z_POWER * se}
+            # no variation at all (every difference equal): no power figure to give
+            "se": se, "mde": Z_POWER * se if se > 0 else None}
 
 
 def _predictions(seed_dir: Path, stage_dir: str, name: str) -> dict[str, dict[str, Any]] | None:
@@ -154,7 +155,7 @@ def to_markdown(comp: dict[str, Any]) -> str:
         else:
             diff = [_ci(r.get("diff_correct"), 100, 1), _ci(r.get("diff_token_acc"), 1, 3),
                     _ci(r.get("diff_logprob"), 1, 2)]
-        mde = r.get("diff_correct", {}).get("mde")
+        mde = (r.get("diff_correct") or {}).get("mde")
         lines.append(" | ".join([
             f"| {r['variant']}", r["baseline"] if r["baseline"] != r["variant"] else "—",
             r["set"], _pm(r["correct"], 100, 1), diff[0], _pm(r["token_acc"], 1, 3), diff[1],

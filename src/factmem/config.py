@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import itertools
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -778,6 +779,15 @@ class UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:  # unhashable key: SafeLoader reports it below
                 pass
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2 booleans: only true/false. YAML 1.1 (PyYAML's default) also reads on/off/yes/no as
+# booleans, keys included, so `{kind: kl, on: mix}` became `{kind: kl, True: mix}`.
+UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def load_yaml_text(text: str) -> Any:

@@ -32,6 +32,7 @@ import torch
 
 from factmem.batch import pad_batch
 from factmem.data.examples import Example
+from factmem.distributed import is_sharded
 from factmem.models import Encoded, Formatter
 from factmem.scoring import match_answer, rouge_l
 
@@ -160,7 +161,8 @@ def generate_answers(model, fmt: Formatter, items: Sequence[Encoded], batch_size
             longest_gold = max(len(items[i]) - items[i].prompt_len for i in batch)
             gen_cfg.max_new_tokens = max(max_new_tokens, longest_gold + 1)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=gen_cfg)
+                                 generation_config=gen_cfg,
+                                 synced_gpus=is_sharded(model))  # FSDP: ranks step together
             for row, i in enumerate(batch):
                 texts[i] = decode_answer(fmt, out[row, ids.shape[1] :].tolist())
     return texts

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import yaml
 
+from factmem import distributed as dist
 from factmem import io
 from factmem.analysis.retention import retention_callbacks
 from factmem.compare import comparison, write_comparison
@@ -183,12 +184,11 @@ def run_experiment(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    from accelerate import Accelerator
-
     prepared = prepare(exp)
     base = exp.base
     root = Path(output_dir or base.output.dir) / safe_name(exp.name)
-    accelerator = Accelerator()
+    dist.check_fsdp_run([st for cfg in exp.variants.values() for st in cfg.stages])
+    accelerator = dist.make_accelerator()
     lock = RunLock(root)  # one writer per run directory
     try:
         # the main process takes the lock and checks the run directory; every process gets
@@ -261,6 +261,9 @@ def _run_locked(exp: Experiment, root: Path, prepared: Prepared, accelerator,
                 progress: bool) -> dict[str, Any]:
     paths = RunPaths(root)
     reuse = StageReuse(exp, enabled=accelerator.num_processes == 1)
+    if accelerator.num_processes > 1 and any(n > 1 for n in reuse.uses.values()):
+        log.info("stage reuse is off with %d processes (weights are not kept across variants): "
+                 "variants that share stages train them again", accelerator.num_processes)
     results: dict[str, dict[int, dict[str, Any]]] = {}
     timings: dict[str, Any] = {}
     for vname, cfg in exp.variants.items():
@@ -332,7 +335,7 @@ def _run_stages(cfg: ExperimentConfig, variant: str, seed: int, sets: dict[str, 
         reused = done >= 0
         if done >= 0 and main:  # on disk too, so that a crash later on does not lose them
             save_stage_weights(model, stage_path(out, cfg, done) / "resume" / "final")
-    model = accelerator.prepare(model)
+    model = dist.prepare_model(model, accelerator)  # sharded under FSDP
     offset = 0  # tracking: optimizer steps of this variant and seed before the current stage
     if tracker.active and reused:  # copied stages were trained elsewhere: log them from files
         tracker.log_eval(matrix[BASE_STAGE], 0)
@@ -360,8 +363,9 @@ def _run_stages(cfg: ExperimentConfig, variant: str, seed: int, sets: dict[str, 
         evaluate_tracked(BASE_STAGE, out / "00-base")
         tracker.log_eval(matrix[BASE_STAGE], 0)
         if main:
-            io.write_json(out / "00-base" / "metrics.json", {"eval": matrix[BASE_STAGE],
-                                                             "model": describe(model)})
+            io.write_json(out / "00-base" / "metrics.json",
+                          {"eval": matrix[BASE_STAGE],
+                           "model": describe(accelerator.unwrap_model(model))})
     for k, stage in enumerate(cfg.stages):
         if k <= done:
             continue
@@ -377,7 +381,7 @@ def _run_stages(cfg: ExperimentConfig, variant: str, seed: int, sets: dict[str, 
                      watch["match"], watch["mode"], watch["n"], stage.train.stop.epochs)
         model, parts = begin_stage(model, stage, accelerator)  # LoRA, freezing
         regularizers = build_regularizers(stage, previous_factoids(cfg, k, sets),
-                                          mixture.ids("mix"), stage_dir if main else None)
+                                          mixture.ids("mix"), stage_dir)
         ckpt = StageCheckpointer(stage_dir / "resume", cfg.output.checkpoint_every, write=main)
         # order matters: the regularizers anchor (EWC Fisher, L2 weights, KL teacher) in their
         # on_stage_start, before `ckpt` restores mid-stage weights on resume, so a resumed stage
@@ -396,11 +400,14 @@ def _run_stages(cfg: ExperimentConfig, variant: str, seed: int, sets: dict[str, 
         evaluate_tracked(stage.name, stage_dir)
         offset += result.steps
         tracker.log_eval(matrix[stage.name], offset)
+        # weights first, metrics.json last: metrics.json marks the stage as finished. Under
+        # FSDP every process takes part in saving weights; otherwise the main process writes.
+        if cfg.output.save_checkpoints:
+            save_checkpoint(accelerator.unwrap_model(model), tokenizer, stage_dir / "checkpoint",
+                            write=main)
+        save_stage_weights(accelerator.unwrap_model(model), stage_dir / "resume" / "final",
+                           write=main)
         if main:
-            if cfg.output.save_checkpoints:
-                save_checkpoint(accelerator.unwrap_model(model), tokenizer, stage_dir / "checkpoint")
-            # weights first, metrics.json last: metrics.json marks the stage as finished
-            save_stage_weights(accelerator.unwrap_model(model), stage_dir / "resume" / "final")
             io.write_jsonl(stage_dir / "train_log.jsonl", result.log)
             io.write_json(stage_dir / "metrics.json",
                           {"train": {**result.to_json(), **memorization_watch(cfg, k, check)},
@@ -569,13 +576,27 @@ def accuracy_record(cfg: ExperimentConfig, matrix: dict[str, dict[str, dict[str,
     }
 
 
-def save_checkpoint(model, tokenizer, path: Path) -> None:
+def save_checkpoint(model, tokenizer, path: Path, write: bool = True) -> None:
+    """A Hugging Face model directory (loads with from_pretrained). A sharded model is gathered
+    one tensor at a time by every process and written by rank 0; otherwise the process where
+    `write` is true writes it."""
+    sharded = dist.is_sharded(model)
+    if not (write or sharded):
+        return
     tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    main = dist.rank() == 0 if sharded else True
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if sharded:
+        dist.save_pretrained_gathered(model, tokenizer, tmp)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    if main:
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    if sharded:
+        dist.barrier()
 
 
 def log_stage(variant: str, seed: int, stage: str, result, row: dict[str, dict[str, float]]) -> None:

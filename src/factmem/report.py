@@ -234,33 +234,44 @@ def fig_forgetting(data: RunData, out: Path) -> Path | None:
     for v in data.variants:
         groups[data.exp.variants[v].baseline or "all variants"].append(v)
     plt = _plt()
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.4), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(1, len(groups), figsize=(max(6.5, 4.6 * len(groups)), 3.6),
+                             squeeze=False, sharey=True)
     for ax, (base, variants) in zip(axes[0], groups.items()):
         for k, v in enumerate(variants):
-            by_step: dict[int, list[float]] = defaultdict(list)
-            per = defaultdict(list)
-            for r in rows:
-                if r["variant"] == v:
-                    per[(r["seed"], r["step"])].append(bool(r["correct"]))
-            for (seed, step), hits in per.items():
-                by_step[step].append(_mean(hits))
-            steps = sorted(by_step)
-            if not steps:
+            xs, mean, low, high, seeds = _forgetting_curve([r for r in rows if r["variant"] == v])
+            if not xs:
                 continue
-            mean = [_mean(by_step[x]) for x in steps]
-            ax.plot(steps, mean, "-", color=f"C{k}", lw=1.6,
-                    label=f"{v} ({len(by_step[steps[0]])} seeds)")
-            ax.fill_between(steps, [min(by_step[x]) for x in steps],
-                            [max(by_step[x]) for x in steps], color=f"C{k}", alpha=0.15)
+            ax.plot(xs, mean, "-", color=f"C{k}", lw=1.6, label=f"{v} ({seeds} seeds)")
+            ax.fill_between(xs, low, high, color=f"C{k}", alpha=0.15)
         ax.set_title(f"compared with {base}" if base != "all variants" else base, fontsize=9)
-        ax.set_xlabel(f"optimizer step of {last}")
+        # mixing adds items, so a mixed stage takes more steps per epoch: epochs line up
+        ax.set_xlabel(f"epochs of {last}")
         ax.set_ylim(-0.02, 1.05)
         ax.legend(fontsize=7)
     axes[0, 0].set_ylabel(f"{watched}: exact match")
-    fig.suptitle(f"Forgetting of {watched} during {last}: mean over seeds, band = min to max",
+    fig.suptitle(f"{watched} during {last}: mean over seeds, band from lowest to highest seed",
                  fontsize=10)
     return _save(fig, data, out / "forgetting.png")
+
+
+def _forgetting_curve(rows) -> tuple[list[float], list[float], list[float], list[float], int]:
+    """Exact match per retention point, x in epochs (step / steps per epoch of each seed),
+    mean/min/max over the seeds that reach the point."""
+    per: dict[tuple[int, int], list[bool]] = defaultdict(list)
+    for r in rows:
+        per[(r["seed"], r["step"])].append(bool(r["correct"]))
+    last = defaultdict(int)
+    epochs = defaultdict(int)
+    for r in rows:
+        last[r["seed"]] = max(last[r["seed"]], r["step"])
+        epochs[r["seed"]] = max(epochs[r["seed"]], r["epoch"])
+    by_x: dict[float, list[float]] = defaultdict(list)
+    for (seed, step), hits in per.items():
+        x = round(step * epochs[seed] / last[seed], 3) if last[seed] else 0.0
+        by_x[x].append(_mean(hits))
+    xs = sorted(by_x)
+    return (xs, [_mean(by_x[x]) for x in xs], [min(by_x[x]) for x in xs],
+            [max(by_x[x]) for x in xs], len(last))
 
 
 def fig_graded(data: RunData, out: Path) -> Path:

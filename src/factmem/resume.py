@@ -12,6 +12,11 @@ A run killed at any moment (SIGKILL included) continues when the same command is
 
 Tensors are written with safetensors and everything else as JSON: nothing is ever unpickled.
 A checkpoint directory is complete once its `state.json` exists (written last, atomically).
+
+Under FSDP (factmem.distributed) the same directories hold shards instead: `model/` (and
+`optimizer/`) with one safetensors file per rank written by torch.distributed.checkpoint,
+`rank-0000R.json` with each rank's RNG states, and rank 0's `state.json` with `"format":
+"sharded"` and the process count, written last once every rank has written its part.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from factmem import distributed as dist
 from factmem import io
 from factmem.errors import FactmemError
 from factmem.train.loop import ResumePoint, StageCallback, StageContext
@@ -167,9 +173,15 @@ def _load_yaml(path: Path) -> Any:
 # Model after a finished stage
 
 
-def save_stage_weights(model, path: Path) -> None:
+def save_stage_weights(model, path: Path, write: bool = True) -> None:
     """Model weights + torch RNG state after a stage, written to a temporary directory and
-    renamed into place."""
+    renamed into place. A sharded model is saved by every rank (each writes its shard);
+    otherwise only where `write` is true (the main process)."""
+    if dist.is_sharded(model):
+        write_sharded(path, {"model": dist.model_tensors(model)}, {})
+        return
+    if not write:
+        return
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -181,13 +193,49 @@ def save_stage_weights(model, path: Path) -> None:
 
 
 def load_stage_weights(model, path: Path) -> None:
+    """Load weights saved by `save_stage_weights`, either format, into `model` (whole or
+    sharded: a sharded save loads into a whole model too, on any process count)."""
+    if dist.is_sharded_dir(path / "model"):
+        dist.load_sharded(dist.model_tensors(model), path / "model")
+        dist.set_rng_state(_rank_file(path))
+        return
     load_model(model, str(path / "model.safetensors"))
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
     _set_host_rng_state(io.read_json(path / STATE)["rng"])
 
 
 def has_stage_weights(path: Path) -> bool:
-    return (path / STATE).is_file() and (path / "model.safetensors").is_file()
+    return (path / STATE).is_file() and ((path / "model.safetensors").is_file()
+                                         or dist.is_sharded_dir(path / "model"))
+
+
+def write_sharded(path: Path, parts: dict[str, dict[str, torch.Tensor]],
+                  state: dict[str, Any]) -> None:
+    """A sharded directory, atomically: every rank writes its shard of each part
+    (`path/PART/`) and its RNG states (`rank-0000R.json`) into a temporary directory; once all
+    have, rank 0 writes `state.json` and renames the directory into place. A collective."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    main = dist.rank() == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    for name, tensors in parts.items():
+        dist.save_sharded(tensors, tmp / name)
+    dist.write_rank_file(tmp, dist.rng_state())
+    dist.barrier()
+    if main:
+        io.write_json(tmp / STATE, {"format": "sharded", "world_size": dist.world_size(),
+                                    **state})
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+def _rank_file(path: Path) -> dict[str, Any]:
+    """This rank's RNG states; rank 0's when the directory was written by fewer processes."""
+    mine = path / dist.RANK_FILE.format(rank=dist.rank())
+    return io.read_json(mine if mine.is_file() else path / dist.RANK_FILE.format(rank=0))
 
 
 def _host_rng_state() -> dict[str, Any]:
@@ -226,6 +274,8 @@ class StageCheckpointer(StageCallback):
 
     def save(self, ctx: StageContext, extra: dict[str, Any] | None = None) -> Path:
         path = self.dir / f"step-{ctx.step:06d}"
+        if dist.is_sharded(ctx.model):
+            return self._save_sharded(ctx, path, extra)
         if not self.write:
             return path
         tmp = self.dir / f".step-{ctx.step:06d}.tmp{os.getpid()}"
@@ -250,9 +300,35 @@ class StageCheckpointer(StageCallback):
         io.write_json(tmp / STATE, state)  # allow_nan: a NaN loss row is recorded as such
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
+        self._keep_only(path)
+        return path
+
+    def _keep_only(self, path: Path) -> None:
         for old in self.dir.glob("step-*"):  # only the newest complete checkpoint is kept
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def _training_state(self, ctx: StageContext) -> dict[str, Any]:
+        """Everything but tensors and RNG states: the same JSON in both formats."""
+        return {
+            "step": ctx.step, "epoch": ctx.epoch, "position": ctx.position, "tokens": ctx.tokens,
+            "loss": ctx.log[-1]["loss"] if ctx.log else float("nan"),
+            "rule": dict(ctx.rule.state.__dict__),
+            "scheduler": ctx.scheduler.state_dict(),
+            "log": ctx.log,
+        }
+
+    def _save_sharded(self, ctx: StageContext, path: Path, extra: dict[str, Any] | None) -> Path:
+        """FSDP: every rank writes its shards of the weights and AdamW moments and its RNG
+        states; rank 0 the rest (no gather, nothing pickled)."""
+        model = ctx.accelerator.unwrap_model(ctx.model)
+        optimizer = getattr(ctx.optimizer, "optimizer", ctx.optimizer)  # accelerate's wrapper
+        opt_tensors, opt_state = dist.optimizer_state(model, optimizer)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_sharded(path, {"model": dist.model_tensors(model), "optimizer": opt_tensors},
+                      {**self._training_state(ctx), "optimizer": opt_state, **(extra or {})})
+        if dist.rank() == 0:
+            self._keep_only(path)
         return path
 
     # restoring ---------------------------------------------------------------------------
@@ -261,17 +337,28 @@ class StageCheckpointer(StageCallback):
         return done[-1] if done else None
 
     def on_stage_start(self, ctx: StageContext) -> None:
+        sharded = dist.is_sharded(ctx.model)
         path = self.latest()
+        if sharded:  # every rank restores the checkpoint rank 0 sees
+            name = dist.broadcast_from_main(path.name if path else None)
+            path = self.dir / name if name else None
         if path is None:
             return
         state = io.read_json(path / STATE)
         model = ctx.accelerator.unwrap_model(ctx.model)
-        load_model(model, str(path / "model.safetensors"))
-        tensors = load_file(str(path / "optimizer.safetensors"))
-        torch.set_rng_state(tensors.pop("rng.torch"))
-        ctx.optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
+        _check_format(path, state, sharded)
+        if sharded:
+            optimizer = getattr(ctx.optimizer, "optimizer", ctx.optimizer)
+            dist.load_sharded(dist.model_tensors(model), path / "model")
+            dist.load_optimizer_state(model, optimizer, path / "optimizer", state["optimizer"])
+            dist.set_rng_state(_rank_file(path))
+        else:
+            load_model(model, str(path / "model.safetensors"))
+            tensors = load_file(str(path / "optimizer.safetensors"))
+            torch.set_rng_state(tensors.pop("rng.torch"))
+            ctx.optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
+            _set_host_rng_state(state["rng"])
         ctx.scheduler.load_state_dict(state["scheduler"])
-        _set_host_rng_state(state["rng"])
         for k, v in state["rule"].items():
             setattr(ctx.rule.state, k, v)
         ctx.step = state["step"]
@@ -289,6 +376,20 @@ class StageCheckpointer(StageCallback):
         if self.write:
             for p in list(self.dir.glob("step-*")) + list(self.dir.glob(".step-*")):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def _check_format(path: Path, state: dict[str, Any], sharded: bool) -> None:
+    """A checkpoint resumes in the setting that wrote it: sharded with as many processes, or
+    whole. (Stage weights are portable; an in-stage checkpoint also holds per-rank state.)"""
+    written = state.get("world_size") if state.get("format") == "sharded" else None
+    if sharded and written == dist.world_size():
+        return
+    if not sharded and written is None:
+        return
+    was = f"FSDP with {written} processes" if written else "without FSDP"
+    now = f"FSDP with {dist.world_size()} processes" if sharded else "without FSDP"
+    raise FactmemError(f"{path} was written {was} and this run is {now}; run it as before, or "
+                       f"delete {path.parent} to restart that stage from its beginning")
 
 
 def _split_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -337,12 +438,15 @@ class FiniteGuard(StageCallback):
 
     def on_before_optimizer_step(self, ctx: StageContext) -> None:
         if ctx.grad_norm is not None:  # the loop's total norm: non-finite iff a gradient is
-            bad = not bool(torch.isfinite(ctx.grad_norm))
+            # (the global norm: under FSDP every rank reads the same value and all stop, or none)
+            bad = not bool(torch.isfinite(dist.full(ctx.grad_norm)))
         else:
             model = ctx.accelerator.unwrap_model(ctx.model)
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            grads = [dist.local(p.grad) for p in model.parameters() if p.grad is not None]
             bad = bool(grads) and not bool(torch.stack([torch.isfinite(g).all()
                                                         for g in grads]).all())
+            if dist.is_sharded(model):  # each rank sees its shards: all stop, or none
+                bad = dist.any_rank(bad, ctx.accelerator.device)
         if not bad:
             return
         record = {"step": ctx.step + 1, "epoch": ctx.epoch, "batch": ctx.position + 1,

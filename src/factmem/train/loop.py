@@ -3,7 +3,6 @@ accelerate. Reads top to bottom: setup -> epochs of steps -> stop rule -> result
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -15,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from factmem.batch import ModelBatch, make_batch, pack_rows, target_logits
+from factmem import distributed as dist
+from factmem.batch import ModelBatch, make_batch, pack_rows, packing_supported, target_logits
 from factmem.config import EvalConfig, TrainConfig
 from factmem.data import Example
 from factmem.evaluate import evaluate_examples, summarize
 from factmem.models import Encoded, Formatter
-from factmem.batch import packing_supported
 from factmem.train.batching import padding_fraction, split_micro, stage_batches
 from factmem.train.stopping import StopRule
 
@@ -67,6 +66,7 @@ class StageContext:
     batch_items: list[Encoded] = field(default_factory=list)  # the step's global batch, encoded
     micro: MicroStep | None = None  # the micro-batch being trained (set before `extra_loss`)
     grad_norm: torch.Tensor | None = None  # the step's total gradient norm, before clipping
+    micro_weight: float = 1.0  # 0 for a pass FSDP runs only to keep the processes in step
     resume: ResumePoint | None = None  # set in on_stage_start by a callback that restores a stage
 
 
@@ -252,7 +252,7 @@ def train_stage(
     steps_per_epoch = math.ceil(len(data.encoded) / cfg.batch_size)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * rule.max_epochs)
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    optimizer, scheduler = dist.prepare_training(accelerator, optimizer, scheduler)
     pack = choose_layout(accelerator.unwrap_model(model), cfg)
     eval_cfg = eval_cfg or EvalConfig()
     check = memorize_check if memorize_check is not None else examples
@@ -300,6 +300,7 @@ class _Run:
         self.em: float | None = None
         self.skip = 0  # batches of the first epoch already done (resume)
         self.grad_norm = float("nan")
+        self.sharded = dist.is_sharded(ctx.model)
 
     def batches(self, epoch: int) -> list[list[int]]:
         return stage_batches(self.cfg.batching, self.data.lengths, self.data.groups,
@@ -352,21 +353,28 @@ class _Run:
         n_tokens = sum(e.n_targets for e in ctx.batch_items)
         shard = batch[rank::world]
         micro = split_micro(shard, self.cfg.grad_accum)
+        real = len(micro)
+        if self.sharded:  # FSDP: as many passes as the busiest rank, the extra ones weigh 0
+            micro = dist.pad_micro_batches(micro, batch, world, self.cfg.grad_accum)
         loss_total, hits_total = 0.0, 0
         for j, mb in enumerate(micro):
-            sync = j == len(micro) - 1
-            no_sync = acc.no_sync(ctx.model) if not sync and world > 1 else contextlib.nullcontext()
-            with no_sync:
+            weight = 1.0 if j < real else 0.0
+            # per-step penalties are added once per process and step: by the real passes'
+            # shares, or spread over the padding passes of a process that got no items
+            share = len(mb) / len(shard) if weight else (1.0 / len(micro) if real == 0 else 0.0)
+            with dist.no_sync(acc, ctx.model, skip=j < len(micro) - 1 and world > 1):
                 items = [self.data.encoded[i] for i in mb]
                 ctx.micro = forward_targets(ctx.model, items, self.pad_id, acc.device, self.pack,
                                             self.cfg.pack_width)
+                ctx.micro_weight = weight
                 loss_sum, _, hits = step_loss(ctx.micro)
-                # DDP averages gradients over processes: scale back up by `world`
-                loss = self.with_extra(loss_sum * world / n_tokens, items, len(mb) / len(shard))
-                acc.backward(loss)
-            loss_total += loss_sum.item()
-            hits_total += hits
-        ctx.micro = None
+                # DDP and FSDP average gradients over processes: scale back up by `world`
+                loss = loss_sum * world / n_tokens if weight else loss_sum * 0.0
+                acc.backward(self.with_extra(loss, items, share))
+            if weight:
+                loss_total += loss_sum.item()
+                hits_total += hits
+        ctx.micro, ctx.micro_weight = None, 1.0
         if not micro:  # more processes than items in this batch: join with the penalties only
             zero = sum(p.sum() for p in ctx.model.parameters()) * 0.0
             acc.backward(self.with_extra(zero, [], 1.0))
@@ -383,7 +391,7 @@ class _Run:
         ctx.step += 1
         ctx.position += 1
         ctx.tokens += sum(self.data.lengths[i] for i in batch)
-        self.grad_norm = float(ctx.grad_norm) if ctx.grad_norm is not None else float("nan")
+        self.grad_norm = float(dist.full(ctx.grad_norm))
         stats = torch.tensor([loss_total, hits_total], dtype=torch.float64, device=acc.device)
         stats = acc.reduce(stats, reduction="sum") if world > 1 else stats
         self.loss = stats[0].item() / n_tokens

@@ -8,6 +8,9 @@ in a later stage's regularizer still share (and train once) their first stages.
 
 Penalties act on the parameters that train in the stage (`requires_grad`), so with LoRA or
 layer freezing they cover the adapter or the unfrozen layers only.
+
+Under FSDP (factmem.distributed) the anchor and the Fisher are sharded like the weights: each
+rank keeps and penalises its own shards, the teacher is a sharded copy.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from factmem import distributed as dist
 from factmem.batch import target_logits
 from factmem.config import RegularizerConfig, StageConfig
 from factmem.data import Example
@@ -68,11 +72,15 @@ def diagonal_fisher(model, fmt: Formatter, examples: list[Example]) -> dict[str,
     device = tensors[0].device
     pad_id = fmt.tok.pad_token_id
     was_training = model.training
+    sharded = dist.is_sharded(model)
     model.eval()  # no dropout: the gradient of the model as it is
     try:
         for ex in examples:
             nll, _, _ = batch_loss(model, [fmt.encode(ex)], pad_id, device)
-            grads = torch.autograd.grad(nll, tensors, allow_unused=True)
+            if sharded:  # every rank on the same example: FSDP hands back this rank's shards
+                grads = dist.backward_grads(nll, tensors)
+            else:
+                grads = torch.autograd.grad(nll, tensors, allow_unused=True)
             for n, g in zip(names, grads):
                 if g is not None:
                     fisher[n] += g.detach().float().pow(2)
@@ -83,11 +91,16 @@ def diagonal_fisher(model, fmt: Formatter, examples: list[Example]) -> dict[str,
     return fisher
 
 
+def fisher_mean(fisher: dict[str, torch.Tensor]) -> float:
+    """Mean over all entries (of every shard, under FSDP: float() of a sharded sum would be
+    this rank's part only)."""
+    total = sum(float(dist.full(f.sum())) for f in fisher.values())
+    return total / sum(f.numel() for f in fisher.values())
+
+
 def normalize_fisher(fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Divide by the mean over all entries: mean 1, so an EWC weight reads like an L2 weight."""
-    total = sum(float(f.sum()) for f in fisher.values())
-    count = sum(f.numel() for f in fisher.values())
-    mean = total / count
+    mean = fisher_mean(fisher)
     if mean <= 0:
         raise ValueError("the Fisher is zero everywhere (the model fits its set exactly); "
                          "cannot normalize it")
@@ -125,51 +138,72 @@ class WeightAnchor(StageCallback):
         self.cfg = cfg
         self.fisher_examples = fisher_examples
         self.out_dir = out_dir  # where the Fisher is saved (None: not saved)
+        self.params: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
         self.fisher: dict[str, torch.Tensor] | None = None
+        self.sharded = False
         self.last = 0.0
         self.info: dict[str, Any] = {"kind": cfg.kind, "weight": cfg.weight}
 
     def on_stage_start(self, ctx: StageContext) -> None:
         model = ctx.accelerator.unwrap_model(ctx.model)
-        params = trainable(model)
+        # kept: the parameters the optimizer updates (FSDP swaps whole tensors in and out of
+        # the module around forward passes; these are its shards)
+        self.params = params = trainable(model)
+        self.sharded = dist.is_sharded(model)
         self.anchor = {n: p.detach().clone() for n, p in params.items()}
         extra = tensor_bytes(self.anchor.values())
         if self.cfg.kind == "ewc":
             self.fisher = diagonal_fisher(model, ctx.fmt, self.fisher_examples or [])
-            raw_mean = sum(float(f.sum()) for f in self.fisher.values()) / sum(
-                f.numel() for f in self.fisher.values())
+            raw_mean = fisher_mean(self.fisher)
             self.info.update(fisher_examples=len(self.fisher_examples or []),
                              fisher_mean=raw_mean, normalized=self.cfg.normalize)
             if self.cfg.normalize:
                 self.fisher = normalize_fisher(self.fisher)
             self.fisher = {n: f.to(self.anchor[n].dtype) for n, f in self.fisher.items()}
             extra += tensor_bytes(self.fisher.values())
-            if self.out_dir is not None and ctx.accelerator.is_main_process:
-                self._save_fisher(self.out_dir / FISHER_FILE)
-                self.info["fisher_file"] = FISHER_FILE
+            if self.out_dir is not None:
+                self.info["fisher_file"] = self._save_fisher(self.out_dir / FISHER_FILE,
+                                                             ctx.accelerator.is_main_process)
         self.info.update(parameters=sum(t.numel() for t in self.anchor.values()),
                          extra_bytes=extra)
         log.info("%s: anchored %d parameters (%.1f MB extra)", self.cfg.kind,
                  self.info["parameters"], extra / 2**20)
 
-    def _save_fisher(self, path: Path) -> None:
+    def _save_fisher(self, path: Path, write: bool) -> str:
+        """Writes the Fisher; returns the file to read it from (under FSDP, past 5 GB, an
+        index over several files, as save_pretrained writes large models)."""
         from safetensors.torch import save_file
 
+        metadata = {"normalized": str(self.cfg.normalize)}
+        if self.sharded:  # gathered tensor by tensor, written by rank 0
+            stem = path.name.removesuffix(".safetensors")
+            names = dist.save_gathered(self.fisher or {}, path.parent, stem, metadata)
+            return names[0] if len(names) == 1 else f"{stem}.safetensors.index.json"
+        if not write:
+            return path.name
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file({n: f.detach().contiguous().cpu() for n, f in self.fisher.items()}, str(tmp),
-                  metadata={"normalized": str(self.cfg.normalize)})
+                  metadata=metadata)
         tmp.replace(path)
+        return path.name
 
-    def penalty(self, model) -> torch.Tensor:
-        return quadratic_penalty(trainable(model), self.anchor, self.fisher)
+    def penalty(self, model=None) -> torch.Tensor:
+        """The penalty over the parameters anchored at stage start; under FSDP over this rank's
+        shards only (its gradient lands on those shards directly, without FSDP's averaging)."""
+        def mine(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {n: dist.local(t) for n, t in d.items()}
+
+        params = self.params or trainable(model)
+        fisher = mine(self.fisher) if self.fisher is not None else None
+        return quadratic_penalty(mine(params), mine(self.anchor), fisher)
 
     def extra_loss(self, ctx: StageContext, items: list[Encoded], share: float):
         if self.cfg.weight == 0:
             return None
         p = self.penalty(ctx.accelerator.unwrap_model(ctx.model))
-        self.last = float(p.detach())
+        self.last = dist.global_sum(p) if self.sharded else float(p.detach())
         # a per-step penalty: each micro-batch adds its share, so the step adds it once
         return self.cfg.weight * p * share
 
@@ -177,7 +211,7 @@ class WeightAnchor(StageCallback):
         row[f"{self.cfg.kind}_penalty"] = self.last  # before the step's update
 
     def on_stage_end(self, ctx: StageContext) -> None:
-        self.anchor, self.fisher = {}, None  # free the copies
+        self.params, self.anchor, self.fisher = {}, {}, None  # free the copies
 
     def report(self) -> dict[str, Any]:
         return dict(self.info)
@@ -198,12 +232,16 @@ class Distillation(StageCallback):
         self.cfg = cfg
         self.mix_ids = mix_ids or set()
         self.teacher = None
+        self.sharded = False
         self.total, self.count = 0.0, 0
         self.info: dict[str, Any] = {"kind": "kl", "weight": cfg.weight,
                                      "temperature": cfg.temperature, "on": cfg.on}
 
     def on_stage_start(self, ctx: StageContext) -> None:
-        self.teacher = copy.deepcopy(ctx.accelerator.unwrap_model(ctx.model)).eval()
+        model = ctx.accelerator.unwrap_model(ctx.model)
+        self.sharded = dist.is_sharded(model)
+        # FSDP modules cannot be deep-copied: the teacher is a sharded copy built shard by shard
+        self.teacher = dist.frozen_copy(model) if self.sharded else copy.deepcopy(model).eval()
         self.teacher.requires_grad_(False)
         extra = tensor_bytes(self.teacher.parameters()) + tensor_bytes(self.teacher.buffers())
         self.info["extra_bytes"] = extra
@@ -214,21 +252,26 @@ class Distillation(StageCallback):
 
     def extra_loss(self, ctx: StageContext, items: list[Encoded], share: float):
         micro = ctx.micro
-        if micro is None or not items or self.cfg.weight == 0:
+        if micro is None or self.cfg.weight == 0:
             return None
-        denominator = sum(e.n_targets for e in ctx.batch_items if self.covered(e))
-        rows = torch.tensor([self.covered(e) for e in micro.items], device=micro.owner.device)
+        rows = torch.tensor([self.covered(e) for e in micro.items], dtype=torch.bool,
+                            device=micro.owner.device)
         keep = rows[micro.owner]
-        if denominator == 0 or not bool(keep.any()):
+        denominator = sum(e.n_targets for e in ctx.batch_items if self.covered(e))
+        counted = ctx.micro_weight > 0 and denominator > 0 and bool(keep.any())
+        if not counted and not self.sharded:
             return None
         # the student's logits are the loop's own (one forward); the teacher runs on the same
-        # batch, so its logits line up position for position
+        # batch, so its logits line up position for position. Under FSDP the teacher's forward
+        # is a collective: every process runs it on every pass, counted or not.
         with torch.no_grad():
             teacher, _, _ = target_logits(self.teacher, micro.batch)
+        if not counted:
+            return None
         kl = distillation_kl(micro.logits[keep], teacher[keep], self.cfg.temperature)
         self.total += float(kl.detach())
         self.count += int(keep.sum())
-        world = ctx.accelerator.num_processes  # DDP averages gradients over processes
+        world = ctx.accelerator.num_processes  # DDP and FSDP average gradients over processes
         return self.cfg.weight * kl * world / denominator
 
     def on_step_end(self, ctx: StageContext, row: dict[str, Any]) -> None:
