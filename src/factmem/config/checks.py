@@ -94,14 +94,15 @@ def _check_baselines(cfg: ExperimentConfig, i: int) -> None:
         if r.kind == "kl" and r.on == "mix" and not st.mix:
             raise _Invalid(f"{p}.regularizers.{j}.on", "`mix` needs mix components in this stage")
     prev = cfg.stages[i - 1] if i > 0 else None
-    kept_adapter = prev is not None and prev.lora is not None and not prev.lora.merge
-    if kept_adapter and st.lora is not None and to_dict(st.lora) != to_dict(prev.lora):
+    if prev is None or prev.lora is None or prev.lora.merge or st.lora is None:
+        return  # no adapter kept from the previous stage, or none trained on in this one
+    if to_dict(st.lora) != to_dict(prev.lora):
         raise _Invalid(f"{p}.lora", f"stage {prev.name!r} keeps its adapter (merge: false); "
                        "a stage that goes on training it needs the same lora settings")
 
 
-def _check_variant_baselines(variants: dict[str, ExperimentConfig], base_baseline: str | None,
-                             ) -> None:
+def _check_variant_baselines(variants: dict[str, ExperimentConfig],
+                             base_baseline: str | None) -> None:
     """Every variant's baseline is one of the variants (the top-level one or its own)."""
     for name, v in variants.items():
         if v.baseline is not None and v.baseline not in variants:
