@@ -5,12 +5,11 @@ import re
 
 import pytest
 
-from factmem.config import SetConfig, _parse_with_source_params
 from factmem.data import SOURCES, build_source
 from factmem.data.generic import GenericParams
 from factmem.data.local import JsonlParams
 from factmem.data.synthetic import KVRParams, RandomWordsParams, word_list
-from factmem.errors import ConfigError, DataError
+from factmem.errors import DataError
 
 
 def test_registry_has_the_foundation_sources():
@@ -112,14 +111,3 @@ def test_asking_for_more_rows_than_the_file_has_is_an_error(tmp_path):
     p.write_text('{"question": "q", "answer": "a"}\n')
     with pytest.raises(DataError, match="has 1 items; cannot take n=5"):
         build_source("jsonl", JsonlParams(path=str(p)), 5, 0, 0)
-
-
-def test_set_config_parses_flat_source_params_and_rejects_unknown_ones():
-    cfg = _parse_with_source_params(SetConfig, {"source": "random-words", "n": 4, "length": 8},
-                                    "sets.rw", ("source", "n", "offset", "seed"))
-    assert cfg.params == RandomWordsParams(length=8)
-    with pytest.raises(ValueError, match="sets.rw.lenght: unknown key; did you mean 'length'"):
-        _parse_with_source_params(SetConfig, {"source": "random-words", "lenght": 8},
-                                  "sets.rw", ("source", "n", "offset", "seed"))
-    with pytest.raises(ConfigError, match="unknown source 'kvrr'.*did you mean 'kvr'"):
-        build_source("kvrr", None, 1, 0, 0)
