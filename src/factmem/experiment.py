@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from factmem import distributed as dist
-from factmem import io
+from factmem import io, rundir
 from factmem.analysis.retention import retention_callbacks
 from factmem.compare import comparison, write_comparison
 from factmem.config import EvalConfig, Experiment, ExperimentConfig, StageConfig, to_dict
@@ -36,34 +36,6 @@ from factmem.models import Formatter, describe, load_model, load_tokenizer
 from factmem.plan import RunPlan, TokenCounter, plan_stage
 from factmem.results import summary_table, write_summary
 from factmem.reuse import StageReuse, reusable, stage_keys
-from factmem.rundir import (
-    BASE_STAGE,
-    CONFIG_FILE,
-    DATA_REPORT_FILE,
-    MANIFEST_FILE,
-    RESOLVED_FILE,
-    TIMING_FILE,
-    TRAIN_LOG_FILE,
-    RunLock,
-    RunPaths,
-    accuracy_file,
-    accuracy_record,
-    base_dir,
-    check_resumable,
-    checkpoint_dir,
-    final_weights_dir,
-    has_stage_weights,
-    is_finished,
-    load_stage_weights,
-    metrics_file,
-    predictions_file,
-    read_eval,
-    resume_dir,
-    run_root,
-    safe_name,
-    save_stage_weights,
-    stage_path,
-)
 from factmem.sets import SetCache
 from factmem.tracking import RunTracker, check_trackers
 from factmem.train import train_stage
@@ -159,21 +131,21 @@ def dry_run(exp: Experiment, output_dir: str | None = None, overwrite: bool = Fa
     `prepare`, and the run directory read but not locked or written), and the plan. Returns the
     plan and a line on what the run would do with its directory."""
     plan = prepare(exp).plan
-    root = run_root(output_dir or exp.base.output.dir, exp.name)
+    root = rundir.run_root(output_dir or exp.base.output.dir, exp.name)
     if not root.exists() or not any(root.iterdir()):
         return plan, f"would write a new run directory {root}"
     if overwrite:
         return plan, f"would delete and rewrite the run directory {root} (--restart)"
-    check_resumable(root, exp.raw, resolved_config(exp))  # refuses a changed config
-    paths = RunPaths(root)
+    rundir.check_resumable(root, exp.raw, resolved_config(exp))  # refuses a changed config
+    paths = rundir.RunPaths(root)
     runs = [(v, s) for v, c in exp.variants.items() for s in c.seeds]
-    done = sum(accuracy_file(paths.seed_dir(v, s)).is_file() for v, s in runs)
+    done = sum(rundir.accuracy_file(paths.seed_dir(v, s)).is_file() for v, s in runs)
     return plan, (f"would continue the run in {root}: {done} of {len(runs)} variant/seed runs "
                   "finished (they are skipped)")
 
 
 def resolved_config(exp: Experiment) -> dict[str, Any]:
-    """Every variant fully resolved, as plain JSON data (as resolved.json holds it)."""
+    """Every variant fully resolved, as plain JSON data (as the run directory keeps it)."""
     return json.loads(json.dumps({n: to_dict(c) for n, c in exp.variants.items()}))
 
 
@@ -188,10 +160,10 @@ def run_experiment(
     progress: bool = True,
 ) -> dict[str, Any]:
     prepared = prepare(exp)
-    root = run_root(output_dir or exp.base.output.dir, exp.name)
+    root = rundir.run_root(output_dir or exp.base.output.dir, exp.name)
     dist.check_fsdp_run([st for cfg in exp.variants.values() for st in cfg.stages])
     accelerator = dist.make_accelerator()
-    lock = RunLock(root)  # one writer per run directory
+    lock = rundir.RunLock(root)  # one writer per run directory
     try:
         # the main process takes the lock and checks the run directory; every process gets
         # its verdict, so that a refusal stops them all instead of leaving the others waiting
@@ -221,7 +193,7 @@ def main_process_decides(accelerator, action) -> None:
         raise FactmemError(error[0])
 
 
-def open_run_dir(exp: Experiment, root: Path, cache: SetCache, lock: RunLock,
+def open_run_dir(exp: Experiment, root: Path, cache: SetCache, lock: rundir.RunLock,
                  overwrite: bool) -> None:
     """Lock the run directory, refuse a changed config (or start over), write the config."""
     lock.acquire()
@@ -230,20 +202,20 @@ def open_run_dir(exp: Experiment, root: Path, cache: SetCache, lock: RunLock,
         if overwrite:
             shutil.rmtree(root)
         else:  # the same command again continues the run; a changed config is refused
-            check_resumable(root, exp.raw, resolved_config(exp))
+            rundir.check_resumable(root, exp.raw, resolved_config(exp))
             log.info("continuing the run in %s (finished stages are kept)", root)
     root.mkdir(parents=True, exist_ok=True)
-    io.write_text(root / CONFIG_FILE, yaml.safe_dump(exp.raw, sort_keys=False))
-    io.write_json(root / RESOLVED_FILE, resolved)
+    io.write_text(root / rundir.CONFIG_FILE, yaml.safe_dump(exp.raw, sort_keys=False))
+    io.write_json(root / rundir.RESOLVED_FILE, resolved)
     if cache.reports:  # items dropped by max_tokens / yet-to-learn filtering, per set
-        io.write_json(root / DATA_REPORT_FILE, cache.reports)
+        io.write_json(root / rundir.DATA_REPORT_FILE, cache.reports)
 
 
 def run_all(exp: Experiment, root: Path, prepared: Prepared, accelerator,
             progress: bool) -> dict[str, Any]:
     """Every variant and seed in turn (in the locked run directory), then the summary and the
     comparison with the baselines."""
-    paths = RunPaths(root)
+    paths = rundir.RunPaths(root)
     reuse = StageReuse(exp, enabled=accelerator.num_processes == 1)
     if accelerator.num_processes > 1 and any(n > 1 for n in reuse.uses.values()):
         log.info("stage reuse is off with %d processes (weights are not kept across variants): "
@@ -262,7 +234,7 @@ def run_all(exp: Experiment, root: Path, prepared: Prepared, accelerator,
     summary = summary_table(exp, results)
     if accelerator.is_main_process:
         write_summary(root, summary)
-        io.write_json(root / TIMING_FILE, timings)
+        io.write_json(root / rundir.TIMING_FILE, timings)
         comp = comparison(root, exp)
         if comp is not None:
             write_comparison(root, comp)
@@ -327,14 +299,15 @@ def run_variant_seed(
 ) -> dict[str, Any]:
     """Train one variant with one seed through all stages; returns its accuracy record.
     Continues an interrupted run: finished stages in `out` are skipped (factmem.rundir)."""
-    if accuracy_file(out).is_file():
+    if rundir.accuracy_file(out).is_file():
         log.info("%s seed%d: finished in an earlier run, skipped", variant, seed)
         if reuse:
             reuse.finished(stage_keys(cfg, seed))
-        return io.read_json(accuracy_file(out))
+        return io.read_json(rundir.accuracy_file(out))
     # out = RUN_DIR/VARIANT/seedS; trackers log on the main process only
-    tracker = RunTracker(cfg.output.report_to, out.parents[1], cfg.name, safe_name(variant), seed,
-                         to_dict(cfg), enabled=accelerator.is_main_process)
+    tracker = RunTracker(cfg.output.report_to, out.parents[1], cfg.name,
+                         rundir.safe_name(variant), seed, to_dict(cfg),
+                         enabled=accelerator.is_main_process)
     run = SeedRun(cfg, variant, seed, sets, tokenizer, accelerator, out, progress, reuse, tracker)
     try:
         return run_stages(run)
@@ -369,7 +342,7 @@ def restore_stages(run: SeedRun) -> tuple[int, bool]:
         return -1, False
     done = run.reuse.restore(keys, run.model, run.matrix, run.out)
     if done >= 0 and run.main:  # on disk too, so that a crash later on does not lose them
-        save_stage_weights(run.model, stage_path(run.out, run.cfg, done))
+        rundir.save_stage_weights(run.model, rundir.stage_path(run.out, run.cfg, done))
     return done, done >= 0
 
 
@@ -378,22 +351,22 @@ def restore_finished(cfg: ExperimentConfig, out: Path, model, matrix: dict) -> i
     results; returns its index, or -1 if none."""
     last = -1
     for k in range(len(cfg.stages)):
-        if not is_finished(stage_path(out, cfg, k)):
+        if not rundir.is_finished(rundir.stage_path(out, cfg, k)):
             break
         last = k
     if last < 0:
         return -1
-    stage_dir = stage_path(out, cfg, last)
-    if not has_stage_weights(stage_dir):
+    stage_dir = rundir.stage_path(out, cfg, last)
+    if not rundir.has_stage_weights(stage_dir):
         log.warning("%s: stage %s finished but its weights are gone; redoing the stages", out,
                     cfg.stages[last].name)
         return -1
-    load_stage_weights(model, stage_dir)
-    matrix[BASE_STAGE] = read_eval(base_dir(out))
+    rundir.load_stage_weights(model, stage_dir)
+    matrix[rundir.BASE_STAGE] = rundir.read_eval(rundir.base_dir(out))
     for k in range(last + 1):
-        matrix[cfg.stages[k].name] = read_eval(stage_path(out, cfg, k))
+        matrix[cfg.stages[k].name] = rundir.read_eval(rundir.stage_path(out, cfg, k))
     log.info("%s: stages 1-%d finished earlier; continuing from %s", out, last + 1,
-             final_weights_dir(stage_dir))
+             rundir.final_weights_dir(stage_dir))
     return last
 
 
@@ -404,26 +377,26 @@ def tracking_offset(run: SeedRun, done: int, reused: bool) -> int:
     if not run.tracker.active:
         return 0
     if not reused:
-        return sum(io.read_json(metrics_file(stage_path(run.out, run.cfg, k)))["train"]["steps"]
+        return sum(rundir.read_metrics(rundir.stage_path(run.out, run.cfg, k))["train"]["steps"]
                    for k in range(done + 1))
-    run.tracker.log_eval(run.matrix[BASE_STAGE], 0)
+    run.tracker.log_eval(run.matrix[rundir.BASE_STAGE], 0)
     offset = 0
     for k in range(done + 1):
-        offset += run.tracker.log_stage_files(stage_path(run.out, run.cfg, k), k, offset)
+        offset += run.tracker.log_stage_files(rundir.stage_path(run.out, run.cfg, k), k, offset)
     return offset
 
 
 def evaluate_base(run: SeedRun) -> None:
     """The tracked sets before any training (read back if an earlier run evaluated them)."""
-    base = base_dir(run.out)
-    if is_finished(base):
-        run.matrix[BASE_STAGE] = read_eval(base)
+    base = rundir.base_dir(run.out)
+    if rundir.is_finished(base):
+        run.matrix[rundir.BASE_STAGE] = rundir.read_eval(base)
         return
-    evaluate_tracked(run, BASE_STAGE, base)
-    run.tracker.log_eval(run.matrix[BASE_STAGE], 0)
+    evaluate_tracked(run, rundir.BASE_STAGE, base)
+    run.tracker.log_eval(run.matrix[rundir.BASE_STAGE], 0)
     if run.main:
-        io.write_json(metrics_file(base), {"eval": run.matrix[BASE_STAGE],
-                                           "model": describe(run.plain_model())})
+        io.write_json(rundir.metrics_file(base), {"eval": run.matrix[rundir.BASE_STAGE],
+                                                  "model": describe(run.plain_model())})
 
 
 def evaluate_tracked(run: SeedRun, stage_name: str, stage_dir: Path) -> None:
@@ -435,7 +408,8 @@ def evaluate_tracked(run: SeedRun, stage_name: str, stage_dir: Path) -> None:
                                   ev.max_new_tokens, ev.match)
         run.matrix[stage_name][set_name] = summarize(preds)
         if run.main and run.cfg.output.save_predictions:
-            io.write_jsonl(predictions_file(stage_dir, set_name), (p.to_json() for p in preds))
+            io.write_jsonl(rundir.predictions_file(stage_dir, set_name),
+                           (p.to_json() for p in preds))
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,17 +420,18 @@ def run_stage(run: SeedRun, k: int) -> None:
     """Train stage k (continuing from its in-stage checkpoint, if any), evaluate the tracked
     sets and record the stage."""
     cfg, stage = run.cfg, run.cfg.stages[k]
-    stage_dir = stage_path(run.out, cfg, k)
+    stage_dir = rundir.stage_path(run.out, cfg, k)
     mixture = build_mixture(cfg, k, run.sets, run.seed)
     if run.main:
-        io.write_json(stage_dir / MANIFEST_FILE, mixture.manifest())
+        io.write_json(stage_dir / rundir.MANIFEST_FILE, mixture.manifest())
     check = memorization_set(stage, run.sets)
     log_memorization_watch(stage, memorization_watch(stage, cfg.eval, check))
     run.model, parts = begin_stage(run.model, stage, run.accelerator)  # LoRA, freezing
     previous = cfg.stages[k - 1] if k > 0 else None
     regularizers = build_regularizers(stage, previous_factoids(previous, run.sets),
                                       mixture.ids("mix"), stage_dir)
-    ckpt = StageCheckpointer(resume_dir(stage_dir), cfg.output.checkpoint_every, write=run.main)
+    ckpt = StageCheckpointer(rundir.resume_dir(stage_dir), cfg.output.checkpoint_every,
+                             write=run.main)
     result = train_stage(
         run.model, run.accelerator, run.fmt, mixture.examples(), stage.train, seed=run.seed,
         memorize_check=check, eval_cfg=cfg.eval, desc=run.where(stage), progress=run.progress,
@@ -493,18 +468,18 @@ def record_stage(run: SeedRun, k: int, train_log: list[dict[str, Any]],
     """The stage's weights, then its log and its metrics: the metrics, written last, mark the
     stage as finished. Under FSDP every process takes part in saving weights; otherwise the
     main process writes."""
-    stage_dir = stage_path(run.out, run.cfg, k)
+    stage_dir = rundir.stage_path(run.out, run.cfg, k)
     if run.cfg.output.save_checkpoints:
-        save_pretrained_dir(run.plain_model(), run.tokenizer, checkpoint_dir(stage_dir),
+        save_pretrained_dir(run.plain_model(), run.tokenizer, rundir.checkpoint_dir(stage_dir),
                             write=run.main)
-    save_stage_weights(run.plain_model(), stage_dir, write=run.main)
+    rundir.save_stage_weights(run.plain_model(), stage_dir, write=run.main)
     if not run.main:
         return
-    io.write_jsonl(stage_dir / TRAIN_LOG_FILE, train_log)
-    io.write_json(metrics_file(stage_dir), metrics)
+    io.write_jsonl(stage_dir / rundir.TRAIN_LOG_FILE, train_log)
+    io.write_json(rundir.metrics_file(stage_dir), metrics)
     ckpt.clear()
     if k > 0:  # only the last finished stage's weights are needed to continue
-        shutil.rmtree(resume_dir(stage_path(run.out, run.cfg, k - 1)), ignore_errors=True)
+        rundir.drop_resume_dir(rundir.stage_path(run.out, run.cfg, k - 1))
 
 
 def finish(run: SeedRun) -> dict[str, Any]:
@@ -513,11 +488,11 @@ def finish(run: SeedRun) -> dict[str, Any]:
     if run.reuse:
         run.reuse.finished(run.keys)
     run.accelerator.free_memory()
-    record = accuracy_record(run.cfg, run.matrix)
+    record = rundir.accuracy_record(run.cfg, run.matrix)
     if run.main:
-        io.write_json(accuracy_file(run.out), record)
+        io.write_json(rundir.accuracy_file(run.out), record)
         for k in range(len(run.cfg.stages)):
-            shutil.rmtree(resume_dir(stage_path(run.out, run.cfg, k)), ignore_errors=True)
+            rundir.drop_resume_dir(rundir.stage_path(run.out, run.cfg, k))
     return record
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,9 +186,13 @@ def is_finished(stage_dir: Path) -> bool:
     return metrics_file(stage_dir).is_file()
 
 
+def read_metrics(stage_dir: Path) -> dict[str, Any]:
+    return io.read_json(metrics_file(stage_dir))
+
+
 def read_eval(stage_dir: Path) -> dict[str, dict[str, Any]]:
     """Set -> the tracked set's figures after the stage (accuracy, token_acc, logprob, ...)."""
-    return io.read_json(metrics_file(stage_dir))["eval"]
+    return read_metrics(stage_dir)["eval"]
 
 
 def predictions_file(stage_dir: Path, set_name: str) -> Path:
@@ -204,6 +209,11 @@ def resume_dir(stage_dir: Path) -> Path:
 
 def final_weights_dir(stage_dir: Path) -> Path:
     return resume_dir(stage_dir) / FINAL_WEIGHTS_DIR
+
+
+def drop_resume_dir(stage_dir: Path) -> None:
+    """The stage's weights and checkpoints to continue from are no longer needed."""
+    shutil.rmtree(resume_dir(stage_dir), ignore_errors=True)
 
 
 def accuracy_file(seed_dir: Path) -> Path:
