@@ -9,9 +9,10 @@ from accelerate import Accelerator
 
 from factmem.config import ModelConfig, StopConfig, TrainConfig, experiment_from_dict, to_dict
 from factmem.errors import ConfigError
-from factmem.experiment import SetCache, run_experiment
+from factmem.experiment import run_experiment
 from factmem.mixing import build_mixture
 from factmem.models import Formatter, load_model, load_tokenizer
+from factmem.sets import SetCache
 from factmem.train import StageCallback, train_stage
 
 SETS = {"a": {"source": "kvr", "n": 4, "key_length": 4, "value_length": 2},

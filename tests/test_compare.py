@@ -11,7 +11,7 @@ import yaml
 from factmem import io
 from factmem.compare import bootstrap, comparison, to_markdown
 from factmem.config import experiment_from_dict
-from factmem.experiment import RunPaths, stage_path
+from factmem.rundir import RunPaths, stage_path
 
 
 def test_bootstrap_interval_is_paired_and_reproducible():

@@ -187,8 +187,8 @@ def test_analysis_checkpoint_is_a_hugging_face_directory(fsdp_run):
 
     from factmem.config import ExperimentConfig, load_experiment
     from factmem.evaluate import evaluate_examples, summarize
-    from factmem.experiment import SetCache
     from factmem.models import Formatter
+    from factmem.sets import SetCache
 
     cfg_path, run = fsdp_run
     seed_dir = run / VARIANT / "seed0"

@@ -8,7 +8,7 @@ import pytest
 from factmem.cli import main
 from factmem.config import experiment_from_dict
 from factmem.data import Example
-from factmem.experiment import SetCache
+from factmem.sets import SetCache
 
 FACTS = Path(__file__).parent / "fixtures" / "filter_facts.jsonl"
 
@@ -104,7 +104,7 @@ def test_keep_takes_the_first_items_left_after_filtering(tiny_model_dir, tmp_pat
     from factmem.config import experiment_from_dict
     from factmem.data import filter as filt
     from factmem.errors import DataError
-    from factmem.experiment import SetCache
+    from factmem.sets import SetCache
 
     monkeypatch.setattr(filt, "DEFAULT_CACHE", tmp_path / "cache")
     raw = {"model": {"name": str(tiny_model_dir)},

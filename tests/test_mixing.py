@@ -5,8 +5,8 @@ from collections import Counter
 import pytest
 
 from factmem.config import experiment_from_dict
-from factmem.experiment import SetCache
 from factmem.mixing import build_mixture
+from factmem.sets import SetCache
 
 
 def make(stage2: dict, n: int = 10):

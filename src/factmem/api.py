@@ -8,7 +8,7 @@
 
 `run` does what `factmem run` does (same checks, same run directory, continues an interrupted
 run) and raises `factmem.errors.FactmemError` on bad input instead of exiting. `load_run` reads
-finished and partial runs: stages appear as their metrics.json is written.
+finished and partial runs: a stage appears once it is finished.
 """
 
 from __future__ import annotations
@@ -24,16 +24,14 @@ from factmem.errors import FactmemError
 if TYPE_CHECKING:
     import pandas as pd
 
-BASE_DIR = "00-base"
-
 
 @dataclass
 class RunResults:
-    """A run directory's results. Accuracies are fractions (0-1), as in accuracy.json."""
+    """A run directory's results. Accuracies are fractions (0-1), as in the accuracy record."""
 
     run_dir: Path
     config: dict[str, dict[str, Any]]
-    """variant -> its resolved config (resolved.json)"""
+    """variant -> its resolved config (as the run directory holds it)"""
     accuracy: pd.DataFrame
     """one row per variant, seed, stage (base first) and tracked set: accuracy, token_acc,
     logprob, n (and rouge_l, loss for task sets); stages in training order"""
@@ -44,7 +42,7 @@ class RunResults:
     """one row per variant, seed, stage, set and fact: id, prompt, answers, prediction, correct,
     token_acc, logprob (empty if output.save_predictions was off)"""
     summary: dict[str, Any] | None
-    """summary.json (mean and std over seeds) once the run has finished, else None"""
+    """the summary (mean and std over seeds) once the run has finished, else None"""
 
     def matrix(self, variant: str, seed: int | None = None, value: str = "accuracy"
                ) -> pd.DataFrame:
@@ -90,8 +88,7 @@ def load_run(run_dir: str | Path) -> RunResults:
     import pandas as pd
 
     from factmem import io
-    from factmem.analysis.run import open_run, stage_dirs
-    from factmem.experiment import RunPaths
+    from factmem.rundir import RESOLVED_FILE, SUMMARY_FILE, RunPaths, open_run
 
     root, exp = open_run(run_dir)
     paths = RunPaths(root)
@@ -100,24 +97,10 @@ def load_run(run_dir: str | Path) -> RunResults:
     pred_rows: list[dict[str, Any]] = []
     for variant, cfg in exp.variants.items():
         for seed in cfg.seeds:
-            seed_dir = paths.seed_dir(variant, seed)
             key = {"variant": variant, "seed": seed}
-            for stage, _, stage_dir in stage_dirs(cfg, seed_dir):
-                if not (stage_dir / "metrics.json").is_file():
-                    break  # not run yet: the stages after it are not either
-                for name, m in io.read_json(stage_dir / "metrics.json")["eval"].items():
-                    acc_rows.append({**key, "stage": stage, "set": name, **m})
-                for name in cfg.track:
-                    path = stage_dir / "predictions" / f"{name}.jsonl"
-                    if path.is_file():
-                        pred_rows += [{**key, "stage": stage, "set": name, **p}
-                                      for p in io.read_jsonl(path)]
-            if (seed_dir / "accuracy.json").is_file():
-                record = io.read_json(seed_dir / "accuracy.json")
-                forget_rows += [{**key, "set": s, "forgetting": f}
-                                for s, f in record["forgetting"].items()]
-    resolved = root / "resolved.json"
-    summary = root / "summary.json"
+            _seed_rows(cfg, paths.seed_dir(variant, seed), key, acc_rows, forget_rows, pred_rows)
+    resolved = root / RESOLVED_FILE
+    summary = root / SUMMARY_FILE
     return RunResults(
         run_dir=root,
         config=io.read_json(resolved) if resolved.is_file() else {},
@@ -128,6 +111,26 @@ def load_run(run_dir: str | Path) -> RunResults:
             "variant", "seed", "stage", "set", "id", "prediction", "correct"])),
         summary=io.read_json(summary) if summary.is_file() else None,
     )
+
+
+def _seed_rows(cfg, seed_dir: Path, key: dict[str, Any], acc_rows: list, forget_rows: list,
+              pred_rows: list) -> None:
+    """One variant/seed's rows: figures and predictions of its finished stages, forgetting
+    once it is finished."""
+    from factmem import io
+    from factmem.rundir import accuracy_file, finished_stage_dirs, predictions_file, read_eval
+
+    for stage, _, stage_dir in finished_stage_dirs(cfg, seed_dir):
+        for name, m in read_eval(stage_dir).items():
+            acc_rows.append({**key, "stage": stage, "set": name, **m})
+        for name in cfg.track:
+            path = predictions_file(stage_dir, name)
+            if path.is_file():
+                pred_rows += [{**key, "stage": stage, "set": name, **p}
+                              for p in io.read_jsonl(path)]
+    if accuracy_file(seed_dir).is_file():
+        record = io.read_json(accuracy_file(seed_dir))
+        forget_rows += [{**key, "set": s, "forgetting": f} for s, f in record["forgetting"].items()]
 
 
 def _columns(rows: list[dict[str, Any]], first: list[str]) -> list[str]:

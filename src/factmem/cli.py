@@ -71,7 +71,7 @@ def _set_from_args(args: argparse.Namespace):
 
 def _cmd_data_build(args: argparse.Namespace) -> int:
     from factmem import io
-    from factmem.experiment import build_set
+    from factmem.sets import build_set
 
     examples = build_set(_set_from_args(args))
     io.write_jsonl(args.out, (e.to_json() for e in examples))
@@ -84,7 +84,7 @@ def _cmd_data_filter(args: argparse.Namespace) -> int:
     from factmem import io
     from factmem.config import ModelConfig, to_dict
     from factmem.data.filter import filter_unknown, shot_examples
-    from factmem.experiment import build_set
+    from factmem.sets import build_set
 
     cfg = _set_from_args(args)
     if args.shots < 0:

@@ -19,7 +19,6 @@ factoid sets); a variant/seed where that fails is reported as such and not compa
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from factmem import io
+from factmem.results import mean_std
+from factmem.rundir import COMPARISON_FILE, COMPARISON_MD, RunPaths, predictions_file, stage_path
 
 METRICS = ("correct", "token_acc", "logprob")
 RESAMPLES = 10_000
@@ -54,8 +55,8 @@ def bootstrap(diffs: list[list[float]], resamples: int = RESAMPLES, seed: int = 
             "se": se, "mde": Z_POWER * se if se > 0 else None}
 
 
-def _predictions(seed_dir: Path, stage_dir: str, name: str) -> dict[str, dict[str, Any]] | None:
-    path = seed_dir / stage_dir / "predictions" / f"{name}.jsonl"
+def _predictions(stage_dir: Path, name: str) -> dict[str, dict[str, Any]] | None:
+    path = predictions_file(stage_dir, name)
     if not path.is_file():
         return None
     return {r["id"]: r for r in io.read_jsonl(path)}
@@ -63,8 +64,6 @@ def _predictions(seed_dir: Path, stage_dir: str, name: str) -> dict[str, dict[st
 
 def comparison(root: Path, exp) -> dict[str, Any] | None:
     """The comparison of every variant with its baseline, or None if the config names none."""
-    from factmem.experiment import RunPaths, stage_path
-
     pairs = {v: c.baseline for v, c in exp.variants.items() if c.baseline is not None}
     if not pairs:
         return None
@@ -75,20 +74,20 @@ def comparison(root: Path, exp) -> dict[str, Any] | None:
         last = len(cfg.stages) - 1
         compared = [s for st in cfg.stages[:-1] for s in (st.set, *st.joint) if s in cfg.track]
         for name in dict.fromkeys(compared):
-            rows.append(_row(variant, base, name, cfg, bcfg, paths, last, stage_path))
+            rows.append(_row(variant, base, name, cfg, bcfg, paths, last))
     return {"resamples": RESAMPLES, "interval": "hierarchical bootstrap over seeds and facts",
             "rows": rows}
 
 
-def _row(variant, base, name, cfg, bcfg, paths, last, stage_path) -> dict[str, Any]:
+def _row(variant, base, name, cfg, bcfg, paths, last) -> dict[str, Any]:
     row: dict[str, Any] = {"variant": variant, "baseline": base, "set": name,
                            "stage": cfg.stages[last].name, "seeds": [], "not_memorized": {}}
     per_seed: dict[str, list[float]] = {m: [] for m in METRICS}
     diffs: dict[str, list[list[float]]] = {m: [] for m in METRICS}
     for seed in cfg.seeds:
         out, bout = paths.seed_dir(variant, seed), paths.seed_dir(base, seed)
-        mine = _predictions(out, stage_path(out, cfg, last).name, name)
-        theirs = _predictions(bout, stage_path(bout, bcfg, last).name, name)
+        mine = _predictions(stage_path(out, cfg, last), name)
+        theirs = _predictions(stage_path(bout, bcfg, last), name)
         if mine is None or theirs is None:
             continue  # not run (yet)
         row["seeds"].append(seed)
@@ -101,9 +100,7 @@ def _row(variant, base, name, cfg, bcfg, paths, last, stage_path) -> dict[str, A
             per_seed[m].append(statistics.fmean(float(p[m]) for p in mine.values()))
             diffs[m].append([float(mine[i][m]) - float(theirs[i][m]) for i in mine if i in theirs])
     for m in METRICS:
-        vals = per_seed[m]
-        row[m] = {"mean": statistics.fmean(vals) if vals else None,
-                  "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "values": vals}
+        row[m] = mean_std(per_seed[m])
         if variant != base and diffs[m] and not row["not_memorized"]:
             row[f"diff_{m}"] = bootstrap(diffs[m])
     return row
@@ -111,13 +108,11 @@ def _row(variant, base, name, cfg, bcfg, paths, last, stage_path) -> dict[str, A
 
 def _failed_stages(cfg, seed_dir: Path) -> list[str]:
     """Stages of this run whose own factoid set ended below 100% exact match."""
-    from factmem.experiment import stage_path
-
     failed = []
     for k, st in enumerate(cfg.stages):
-        path = stage_path(seed_dir, cfg, k) / "predictions"
+        stage_dir = stage_path(seed_dir, cfg, k)
         for name in (st.set, *st.joint):
-            preds = path / f"{name}.jsonl"
+            preds = predictions_file(stage_dir, name)
             if not preds.is_file():
                 continue
             rows = io.read_jsonl(preds)
@@ -170,11 +165,11 @@ def to_markdown(comp: dict[str, Any]) -> str:
 
 
 def write_comparison(root: Path, comp: dict[str, Any]) -> None:
-    io.write_json(root / "comparison.json", comp)
-    io.write_text(root / "comparison.md", "# Variants against their baseline\n\n"
+    io.write_json(root / COMPARISON_FILE, comp)
+    io.write_text(root / COMPARISON_MD, "# Variants against their baseline\n\n"
                   + to_markdown(comp))
 
 
 def load_comparison(root: Path) -> dict[str, Any] | None:
-    path = root / "comparison.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    path = root / COMPARISON_FILE
+    return io.read_json(path) if path.is_file() else None

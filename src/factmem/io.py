@@ -1,12 +1,14 @@
-"""Atomic file writes: results are written to a temporary name and renamed, so a crash never
-leaves a half-written file behind."""
+"""Atomic writes: files and directories are written under a temporary name and renamed, so a
+crash never leaves a half-written file or directory behind."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +46,27 @@ def read_json(path: str | Path) -> Any:
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+@contextmanager
+def atomic_dir(path: Path, tmp: Path | None = None, *, main: bool = True,
+               barrier: Callable[[], None] | None = None) -> Iterator[Path]:
+    """Write a directory atomically: yields a fresh temporary sibling (`tmp`, by default
+    `.NAME.tmpPID`) to write into, then replaces `path` with it. A failure leaves `path` as it
+    was (the temporary directory is cleared by the next attempt).
+
+    Collective writes (every process writes a part, e.g. its shards): only `main` creates and
+    renames the directory, and `barrier` is called after creating it and after renaming it, so
+    no process writes before it exists or reads before it is in place."""
+    tmp = tmp or path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if barrier is not None:
+        barrier()
+    yield tmp
+    if main:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    if barrier is not None:
+        barrier()

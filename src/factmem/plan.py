@@ -26,7 +26,7 @@ from factmem.validate import check_context
 
 def epoch_tokens(lengths: Sequence[Sequence[int]], cfg: TrainConfig) -> list[int]:
     """Tokens per epoch of each component of a stage, from its items' tokenised lengths (chat
-    template, prompt, answer, end-of-turn), as the stage loop counts `tokens` in metrics.json:
+    template, prompt, answer, end-of-turn), as the stage loop counts `tokens` in its metrics:
     padding between items is not counted, but `label_padding: reference` pads every item to the
     stage's longest with labelled tokens that are trained on, so each item counts at that width.
     The one place that defines the count: change it here and every figure of the plan follows."""
@@ -59,7 +59,7 @@ class TokenCounter:
 
 @dataclass
 class ComponentPlan:
-    role: str  # main | joint | mix | replay (as in manifest.json)
+    role: str  # main | joint | mix | replay (as in the stage's manifest)
     name: str  # set name, or source name for mix components
     items: int
     tokens: int  # per epoch

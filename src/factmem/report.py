@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,10 +20,24 @@ from pathlib import Path
 from typing import Any
 
 from factmem import io
-from factmem.analysis.run import collect_graded, collect_retention, open_run, read_jsonl, stage_dirs
+from factmem.analysis.run import TABLES, collect_graded, collect_retention
 from factmem.compare import load_comparison
 from factmem.compare import to_markdown as compare_markdown
 from factmem.errors import FactmemError
+from factmem.results import mean as _mean
+from factmem.rundir import (
+    BASE_STAGE,
+    METRICS_FILE,
+    REPORT_FIGURES_DIR,
+    REPORT_HTML,
+    REPORT_MD,
+    RunPaths,
+    analysis_summary,
+    analysis_table,
+    finished_record,
+    open_run,
+    stage_dirs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +61,7 @@ class RunData:
     stages: list[str]  # base first
     sets: list[str]
     own: dict[str, str]  # stage -> set it trains
-    accuracy: dict[str, dict[int, dict[str, Any]]]  # variant -> seed -> accuracy.json
+    accuracy: dict[str, dict[int, dict[str, Any]]]  # variant -> seed -> accuracy record
     tables: dict[str, list[dict[str, Any]]]
     summary: dict[str, Any]
 
@@ -58,8 +72,6 @@ class RunData:
 
 
 def load_data(run_dir: str | Path) -> RunData:
-    from factmem.experiment import RunPaths
-
     root, exp = open_run(run_dir)
     base = exp.base
     accuracy: dict[str, dict[int, dict[str, Any]]] = {}
@@ -67,42 +79,26 @@ def load_data(run_dir: str | Path) -> RunData:
     for vname, cfg in exp.variants.items():
         for seed in cfg.seeds:
             sd = RunPaths(root).seed_dir(vname, seed)
-            record = stage_record(cfg, sd)
-            if record["stages"]:
+            record = finished_record(cfg, sd)  # the stages finished so far
+            if record is not None:
                 accuracy.setdefault(vname, {})[seed] = record
-            if not (root / "analysis" / "retention.jsonl").is_file():  # read straight from the run
-                tables["retention"] += collect_retention(stage_dirs(cfg, sd), {"variant": vname,
-                                                                                "seed": seed})
-            if not (root / "analysis" / "graded.jsonl").is_file():
-                tables["graded"] += collect_graded(cfg, stage_dirs(cfg, sd), {"variant": vname,
-                                                                              "seed": seed})
+            key = {"variant": vname, "seed": seed}
+            if not analysis_table(root, "retention").is_file():  # read straight from the run
+                tables["retention"] += collect_retention(stage_dirs(cfg, sd), key)
+            if not analysis_table(root, "graded").is_file():
+                tables["graded"] += collect_graded(cfg, stage_dirs(cfg, sd), key)
     if not accuracy:
-        raise FactmemError(f"{root}: no stage has finished (no metrics.json); nothing to report")
-    for name in ("retention", "graded", "lens_layers", "lens_facts", "reversion", "probes"):
-        path = root / "analysis" / f"{name}.jsonl"
+        raise FactmemError(f"{root}: no stage has finished (no {METRICS_FILE}); nothing to report")
+    for name in TABLES:
+        path = analysis_table(root, name)
         if path.is_file():
-            tables[name] = read_jsonl(path)
-    summary_path = root / "analysis" / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+            tables[name] = io.read_jsonl(path)
+    summary_path = analysis_summary(root)
+    summary = io.read_json(summary_path) if summary_path.is_file() else {}
     seeds = sorted({s for v in accuracy.values() for s in v})
     return RunData(root, exp, base.model.name, list(accuracy), seeds,
-                   ["base", *[s.name for s in base.stages]], list(base.track),
+                   [BASE_STAGE, *[s.name for s in base.stages]], list(base.track),
                    {s.name: s.set for s in base.stages}, accuracy, dict(tables), summary)
-
-
-def stage_record(cfg, seed_dir: Path) -> dict[str, Any]:
-    """The accuracy record (as in accuracy.json) from the stages' own metrics.json, so a run that
-    is still going, or was stopped, reports the stages it finished."""
-    record: dict[str, Any] = {"stages": [], "accuracy": {}, "token_acc": {}, "logprob": {}}
-    for stage, _, d in stage_dirs(cfg, seed_dir):
-        path = d / "metrics.json"
-        if not path.is_file():
-            break
-        row = json.loads(path.read_text())["eval"]
-        record["stages"].append(stage)
-        for metric in ("accuracy", "token_acc", "logprob"):
-            record[metric][stage] = {s: m[metric] for s, m in row.items()}
-    return record
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,16 +128,11 @@ def _stages(records) -> list[str]:
     return [st for st in records[0]["stages"] if all(st in r["accuracy"] for r in records)]
 
 
-def _mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
 def fig_accuracy(data: RunData, out: Path) -> Path:
     plt = _plt()
     n = len(data.variants)
-    fig, axes = plt.subplots(1, n, figsize=(2.2 + 1.3 * len(data.sets) * n, 0.9 + 0.5 * len(data.stages)),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(2.2 + 1.3 * len(data.sets) * n,
+                                            0.9 + 0.5 * len(data.stages)), squeeze=False)
     for ax, v in zip(axes[0], data.variants):
         recs = list(data.accuracy[v].values())
         stages = _stages(recs)
@@ -284,7 +275,8 @@ def fig_graded(data: RunData, out: Path) -> Path:
             for k, v in enumerate(data.variants):
                 recs = list(data.accuracy[v].values())
                 stages = _stages(recs)
-                ax.plot(range(len(stages)), [_mean(r[metric][st][s] for r in recs) for st in stages],
+                ax.plot(range(len(stages)),
+                        [_mean(r[metric][st][s] for r in recs) for st in stages],
                         "-o", color=f"C{k}", label=v)
                 ax.set_xticks(range(len(stages)), stages, fontsize=8)
             ax.set_title(f"{s}: {name}", fontsize=9)
@@ -347,7 +339,8 @@ def fig_first_layer(data: RunData, out: Path) -> Path | None:
     width = 0.8 / max(len(data.variants), 1)
     for ax, (st, s) in zip(axes[0], panels):
         for k, v in enumerate(data.variants):
-            firsts = [r["first_layer"] for r in rows if (r["variant"], r["stage"], r["set"]) == (v, st, s)]
+            firsts = [r["first_layer"] for r in rows
+                      if (r["variant"], r["stage"], r["set"]) == (v, st, s)]
             dec = [x for x in firsts if x is not None]
             counts = [dec.count(L) for L in range(n_layers + 1)]
             ax.bar([L - 0.4 + width * (k + 0.5) for L in range(n_layers + 1)], counts, width,
@@ -429,103 +422,134 @@ def fig_probes(data: RunData, out: Path) -> Path | None:
 
 
 def _pct(x) -> str:
-    return "-" if x is None or x != x else f"{100 * x:.1f}"
+    return "-" if x is None or math.isnan(x) else f"{100 * x:.1f}"
 
 
 def _num(x, digits: int = 2) -> str:
-    return "-" if x is None or x != x else f"{x:.{digits}f}"
+    return "-" if x is None or math.isnan(x) else f"{x:.{digits}f}"
 
 
 def sections(data: RunData, figdir: Path) -> list[Section]:
-    out: list[Section] = []
-    acc_rows = []
+    """The report's sections in order; those with nothing to show say why or are left out."""
+    out = [accuracy_section(data, figdir), comparison_section(data, figdir),
+           retention_section(data, figdir), graded_section(data, figdir),
+           *lens_sections(data, figdir), reversion_section(data, figdir),
+           probes_section(data, figdir)]
+    return [s for s in out if s is not None]
+
+
+def accuracy_section(data: RunData, figdir: Path) -> Section:
+    rows = []
     for v in data.variants:
         recs = list(data.accuracy[v].values())
         for st in _stages(recs):
-            acc_rows.append([v, st, *[_pct(_mean(r["accuracy"][st][s] for r in recs))
-                                      for s in data.sets]])
+            rows.append([v, st, *[_pct(_mean(r["accuracy"][st][s] for r in recs))
+                                  for s in data.sets]])
     partial = [v for v in data.variants
                if len(_stages(list(data.accuracy[v].values()))) < len(data.stages)]
-    out.append(Section("Accuracy matrix", "Exact match (%) on each tracked set after each stage, "
-                       "mean over seeds." + (f" Not finished (stages shown are those done): "
-                                             f"{', '.join(partial)}." if partial else ""), ["variant", "after", *data.sets], acc_rows,
-                       fig_accuracy(data, figdir)))
+    text = "Exact match (%) on each tracked set after each stage, mean over seeds."
+    if partial:
+        text += f" Not finished (stages shown are those done): {', '.join(partial)}."
+    return Section("Accuracy matrix", text, ["variant", "after", *data.sets], rows,
+                   fig_accuracy(data, figdir))
+
+
+def comparison_section(data: RunData, figdir: Path) -> Section | None:
     comp = load_comparison(data.root)
-    if comp is not None:
-        c_rows = [line.strip("|").split(" | ") for line in
-                  compare_markdown(comp).splitlines()[2:] if line.startswith("|")]
-        out.append(Section("Variants against their baseline", compare_markdown(comp)
-                           .strip().splitlines()[-1],
-                           ["variant", "vs", "set", "exact match %", "Δ exact match [95% CI]",
-                            "token acc", "Δ token acc [95% CI]", "gold log-prob",
-                            "Δ log-prob [95% CI]", "MDE (exact match)"],
-                           [[c.strip() for c in row] for row in c_rows],
-                           fig_forgetting(data, figdir)))
-    out.append(Section("Retention curves", "Tracked sets evaluated every "
-                       "`eval.retention_every` optimizer steps (solid: exact match, dashed: "
-                       "teacher-forced token accuracy).", figure=fig_retention(data, figdir))
-               if data.tables.get("retention") else
-               Section("Retention curves", "Not recorded: run with `eval.retention_every: N`."))
-    g_rows = []
+    if comp is None:
+        return None
+    table = compare_markdown(comp)
+    rows = [line.strip("|").split(" | ") for line in table.splitlines()[2:]
+            if line.startswith("|")]
+    return Section("Variants against their baseline", table.strip().splitlines()[-1],
+                   ["variant", "vs", "set", "exact match %", "Δ exact match [95% CI]",
+                    "token acc", "Δ token acc [95% CI]", "gold log-prob", "Δ log-prob [95% CI]",
+                    "MDE (exact match)"],
+                   [[c.strip() for c in row] for row in rows], fig_forgetting(data, figdir))
+
+
+def retention_section(data: RunData, figdir: Path) -> Section:
+    if not data.tables.get("retention"):
+        return Section("Retention curves", "Not recorded: run with `eval.retention_every: N`.")
+    return Section("Retention curves", "Tracked sets evaluated every `eval.retention_every` "
+                   "optimizer steps (solid: exact match, dashed: teacher-forced token accuracy).",
+                   figure=fig_retention(data, figdir))
+
+
+def graded_section(data: RunData, figdir: Path) -> Section:
+    rows = []
     for v in data.variants:
         recs = list(data.accuracy[v].values())
         for st in _stages(recs):
-            g_rows.append([v, st, *[f"{_mean(r['token_acc'][st][s] for r in recs):.3f} / "
-                                    f"{_mean(r['logprob'][st][s] for r in recs):.2f}"
-                                    for s in data.sets]])
-    out.append(Section("Graded retention", "Teacher-forced token accuracy / mean gold log-prob "
-                       "per set after each stage: partial retention that exact match hides.",
-                       ["variant", "after", *data.sets], g_rows, fig_graded(data, figdir)))
+            rows.append([v, st, *[f"{_mean(r['token_acc'][st][s] for r in recs):.3f} / "
+                                  f"{_mean(r['logprob'][st][s] for r in recs):.2f}"
+                                  for s in data.sets]])
+    return Section("Graded retention", "Teacher-forced token accuracy / mean gold log-prob per "
+                   "set after each stage: partial retention that exact match hides.",
+                   ["variant", "after", *data.sets], rows, fig_graded(data, figdir))
+
+
+def lens_sections(data: RunData, figdir: Path) -> list[Section]:
     lens = data.summary.get("lens") or []
-    if lens:
-        l_rows = [[r["variant"], r["seed"], r["stage"], r["set"], f"{r['decodable']}/{r['n']}",
-                   _num(r["mean"]), _num(r["median"], 1), _num(r["std"]),
-                   _num(r["entropy_bits"]), r["distinct"],
-                   f"{_num(r['first_token']['mean'])} / {_num(r['first_token']['entropy_bits'])}"]
-                  for r in lens]
-        out.append(Section("Logit lens", "Each layer's residual stream decoded through the final "
-                           "norm and unembedding at the answer positions. First decodable layer "
-                           "= first layer from which every answer token stays top-1 to the last "
-                           "layer; spread = standard deviation and entropy of its histogram. "
-                           "Seed `all` pools the facts of every seed. Last column: the same for "
-                           "the first answer token only.",
-                           ["variant", "seed", "checkpoint", "set", "decodable", "mean layer",
-                            "median", "std", "entropy (bits)", "distinct layers",
-                            "first token: mean / entropy"], l_rows,
-                           fig_lens(data, figdir)))
-        out.append(Section("First decodable layer", "", figure=fig_first_layer(data, figdir)))
-    else:
-        out.append(Section("Logit lens", "Not computed: run `factmem analyze RUN_DIR` on a run "
-                           "with `output.save_checkpoints: true`."))
-    rev = [r for r in data.summary.get("reversion") or []]
-    if rev:
-        r_rows = []
-        for (v, s, st) in dict.fromkeys((r["variant"], r["seed"], r["stage"]) for r in rev):
-            mine = [r for r in rev if (r["variant"], r["seed"], r["stage"]) == (v, s, st)]
-            layers = [r for r in mine if r["layer_start"] > 0]
-            worst = min(layers, key=lambda r: r["accuracy"]) if layers else None
-            ref = {r["group"]: r["accuracy"] for r in mine}
-            if worst is not None and worst["accuracy"] >= (ref.get("none") or 0):
-                worst = None  # no single block costs anything: no block to name
-            r_rows.append([v, s, st, mine[0]["set"], _pct(ref.get("none")), _pct(ref.get("all")),
-                           _pct(_mean(r["accuracy"] for r in layers)),
-                           f"{worst['group']} ({_pct(worst['accuracy'])})" if worst else "none"])
-        block = data.summary.get("block", 1)
-        out.append(Section("Layer reversion", "Exact match (%) on a stage's own set with one block "
-                           f"of {block} layer{'s' if block > 1 else ''} reverted to its weights "
-                           "before the stage.",
-                           ["variant", "seed", "stage", "set", "trained", "all reverted",
-                            "mean over single blocks", "most harmful block"], r_rows,
-                           fig_reversion(data, figdir)))
+    if not lens:
+        return [Section("Logit lens", "Not computed: run `factmem analyze RUN_DIR` on a run "
+                        "with `output.save_checkpoints: true`.")]
+    rows = [[r["variant"], r["seed"], r["stage"], r["set"], f"{r['decodable']}/{r['n']}",
+             _num(r["mean"]), _num(r["median"], 1), _num(r["std"]), _num(r["entropy_bits"]),
+             r["distinct"],
+             f"{_num(r['first_token']['mean'])} / {_num(r['first_token']['entropy_bits'])}"]
+            for r in lens]
+    text = ("Each layer's residual stream decoded through the final norm and unembedding at the "
+            "answer positions. First decodable layer = first layer from which every answer "
+            "token stays top-1 to the last layer; spread = standard deviation and entropy of "
+            "its histogram. Seed `all` pools the facts of every seed. Last column: the same for "
+            "the first answer token only.")
+    headers = ["variant", "seed", "checkpoint", "set", "decodable", "mean layer", "median",
+               "std", "entropy (bits)", "distinct layers", "first token: mean / entropy"]
+    return [Section("Logit lens", text, headers, rows, fig_lens(data, figdir)),
+            Section("First decodable layer", "", figure=fig_first_layer(data, figdir))]
+
+
+def reversion_section(data: RunData, figdir: Path) -> Section | None:
+    rev = list(data.summary.get("reversion") or [])
+    if not rev:
+        return None
+    rows = [_reversion_row(rev, key)
+            for key in dict.fromkeys((r["variant"], r["seed"], r["stage"]) for r in rev)]
+    block = data.summary.get("block", 1)
+    return Section("Layer reversion", "Exact match (%) on a stage's own set with one block of "
+                   f"{block} layer{'s' if block > 1 else ''} reverted to its weights before the "
+                   "stage.",
+                   ["variant", "seed", "stage", "set", "trained", "all reverted",
+                    "mean over single blocks", "most harmful block"], rows,
+                   fig_reversion(data, figdir))
+
+
+def _reversion_row(rev: list[dict[str, Any]], key: tuple) -> list[Any]:
+    """One (variant, seed, stage): accuracy trained, all reverted, mean over single blocks, and
+    the single block whose reversion costs most (none if none costs anything)."""
+    v, s, st = key
+    mine = [r for r in rev if (r["variant"], r["seed"], r["stage"]) == key]
+    layers = [r for r in mine if r["layer_start"] > 0]
+    worst = min(layers, key=lambda r: r["accuracy"]) if layers else None
+    ref = {r["group"]: r["accuracy"] for r in mine}
+    if worst is not None and worst["accuracy"] >= (ref.get("none") or 0):
+        worst = None  # no single block costs anything: no block to name
+    return [v, s, st, mine[0]["set"], _pct(ref.get("none")), _pct(ref.get("all")),
+            _pct(_mean(r["accuracy"] for r in layers)),
+            f"{worst['group']} ({_pct(worst['accuracy'])})" if worst else "none"]
+
+
+def probes_section(data: RunData, figdir: Path) -> Section | None:
     probes = data.summary.get("probes") or []
-    if probes:
-        p_rows = [[r["variant"], r["seed"], r["stage"], r["set"], r["probe"], _pct(r["accuracy"]),
-                   _pct(r.get("choice_accuracy"))] for r in probes]
-        out.append(Section("Manipulation probes", "Memorized facts asked in changed forms (exact "
-                           "match %; multiple choice also scored by likelihood among options).",
-                           ["variant", "seed", "checkpoint", "set", "probe", "exact match",
-                            "choice by likelihood"], p_rows, fig_probes(data, figdir)))
-    return out
+    if not probes:
+        return None
+    rows = [[r["variant"], r["seed"], r["stage"], r["set"], r["probe"], _pct(r["accuracy"]),
+             _pct(r.get("choice_accuracy"))] for r in probes]
+    return Section("Manipulation probes", "Memorized facts asked in changed forms (exact match %; "
+                   "multiple choice also scored by likelihood among options).",
+                   ["variant", "seed", "checkpoint", "set", "probe", "exact match",
+                    "choice by likelihood"], rows, fig_probes(data, figdir))
 
 
 def to_markdown(data: RunData, secs: Sequence[Section], root: Path) -> str:
@@ -547,11 +571,11 @@ def to_markdown(data: RunData, secs: Sequence[Section], root: Path) -> str:
 def to_html(data: RunData, secs: Sequence[Section]) -> str:
     esc = html.escape
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
-             f"<title>factmem report: {esc(data.exp.name)}</title><style>"
-             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;font-size:13px;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-             "img{max-width:100%}</style></head><body>",
+             (f"<title>factmem report: {esc(data.exp.name)}</title><style>"
+              "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+              "table{border-collapse:collapse;font-size:13px;margin:1em 0}"
+              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+              "img{max-width:100%}</style></head><body>"),
              f"<h1>factmem report: {esc(data.exp.name)}</h1><p>{esc(data.label)}</p>"]
     for s in secs:
         parts.append(f"<h2>{esc(s.title)}</h2>")
@@ -572,8 +596,8 @@ def to_html(data: RunData, secs: Sequence[Section]) -> str:
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     data = load_data(run_dir)
     root = data.root
-    secs = sections(data, root / "report")
-    md, page = root / "report.md", root / "report.html"
+    secs = sections(data, root / REPORT_FIGURES_DIR)
+    md, page = root / REPORT_MD, root / REPORT_HTML
     io.write_text(md, to_markdown(data, secs, root))
     io.write_text(page, to_html(data, secs))
     return md, page

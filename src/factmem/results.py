@@ -5,15 +5,25 @@ JSON and markdown."""
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from factmem import io
+from factmem.rundir import SUMMARY_FILE, SUMMARY_MD
 
 
-def _mean_std(values: list[float]) -> dict[str, Any]:
+def mean(xs: Iterable[float]) -> float:
+    """The mean; NaN for no values (an empty cell of a figure or table)."""
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def mean_std(values: list[float]) -> dict[str, Any]:
+    """Mean (None for no values), SAMPLE standard deviation (n - 1; 0 for one value) and the
+    values, as the results and comparison tables hold them."""
     return {
-        "mean": statistics.fmean(values),
+        "mean": statistics.fmean(values) if values else None,
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,  # sample std (n - 1)
         "values": values,
     }
@@ -27,8 +37,8 @@ def summary_table(exp, results: dict[str, dict[int, dict[str, Any]]]) -> dict[st
         stages, sets = records[0]["stages"], records[0]["sets"]
         table[variant] = {
             s: {
-                **{st: _mean_std([r["accuracy"][st][s] for r in records]) for st in stages},
-                **({"forgetting": _mean_std([r["forgetting"][s] for r in records])}
+                **{st: mean_std([r["accuracy"][st][s] for r in records]) for st in stages},
+                **({"forgetting": mean_std([r["forgetting"][s] for r in records])}
                    if s in records[0]["forgetting"] else {}),
             }
             for s in sets
@@ -76,5 +86,5 @@ def to_markdown(summary: dict[str, Any]) -> str:
 
 
 def write_summary(root: Path, summary: dict[str, Any]) -> None:
-    io.write_json(root / "summary.json", summary)
-    io.write_text(root / "summary.md", f"# {summary['experiment']}\n\n" + to_markdown(summary))
+    io.write_json(root / SUMMARY_FILE, summary)
+    io.write_text(root / SUMMARY_MD, f"# {summary['experiment']}\n\n" + to_markdown(summary))

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from factmem.cli import main
-from factmem.resume import RunLock
+from factmem.rundir import RunLock
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from factmem.errors import FactmemError
-from factmem.resume import check_resumable, diff_keys
+from factmem.rundir import check_resumable, diff_keys
 
 
 def test_diff_keys_names_dotted_paths():

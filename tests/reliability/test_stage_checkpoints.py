@@ -12,8 +12,9 @@ from factmem.config import ModelConfig, StopConfig, TrainConfig
 from factmem.data import build_source
 from factmem.data.synthetic import KVRParams
 from factmem.models import Formatter, load_model, load_tokenizer
-from factmem.resume import FiniteGuard, NumericalError, StageCheckpointer
 from factmem.train import StageCallback, train_stage
+from factmem.train.checkpoint import StageCheckpointer
+from factmem.train.guard import FiniteGuard, NumericalError
 
 FACTS = build_source("kvr", KVRParams(key_length=4, value_length=2), 10, 0, 0)
 

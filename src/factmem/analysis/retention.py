@@ -15,9 +15,8 @@ from typing import Any
 from factmem import io
 from factmem.data.examples import Example
 from factmem.evaluate import evaluate_examples
+from factmem.rundir import RETENTION_FILE
 from factmem.train.loop import StageCallback, StageContext
-
-RETENTION_FILE = "retention.jsonl"
 
 
 class RetentionCallback(StageCallback):

@@ -27,16 +27,25 @@ from tqdm.auto import tqdm
 from factmem import io
 from factmem.analysis.logit_lens import layer_diversity, logit_lens
 from factmem.analysis.probes import run_probes
-from factmem.analysis.retention import RETENTION_FILE
 from factmem.analysis.reversion import layer_reversion
-from factmem.config import ExperimentConfig, load_experiment
+from factmem.config import ExperimentConfig
 from factmem.errors import FactmemError
+from factmem.rundir import (
+    BASE_STAGE,
+    RETENTION_FILE,
+    RunPaths,
+    analysis_summary,
+    analysis_table,
+    checkpoint_dir,
+    open_run,
+    predictions_file,
+    stage_dirs,
+)
 
 log = logging.getLogger(__name__)
 
 WHAT = ("retention", "graded", "lens", "reversion", "probes")
 MODEL_BASED = ("lens", "reversion", "probes")
-BASE_DIR = "00-base"
 TABLES = ("retention", "graded", "lens_layers", "lens_facts", "reversion", "probes")
 
 
@@ -54,26 +63,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def stage_dirs(cfg: ExperimentConfig, seed_dir: Path) -> list[tuple[str, str | None, Path]]:
-    """[(stage name, set it trains, directory)] starting with the base evaluation."""
-    from factmem.experiment import safe_name
-
-    out: list[tuple[str, str | None, Path]] = [("base", None, seed_dir / BASE_DIR)]
-    for k, st in enumerate(cfg.stages):
-        out.append((st.name, st.set, seed_dir / f"{k + 1:02d}-{safe_name(st.name)}"))
-    return out
-
-
-def open_run(run_dir: str | Path) -> tuple[Path, Any]:
-    """(root, Experiment) of a run directory, for the instruments that read it (the public
-    `factmem.load_run` returns its results as tables instead)."""
-    root = Path(run_dir)
-    if not (root / "config.yaml").is_file():
-        raise FactmemError(f"{root}: not a run directory (no config.yaml); "
-                           "give the directory `factmem run` printed")
-    return root, load_experiment(root / "config.yaml")
-
-
 def analyze(run_dir: str | Path, what: Sequence[str] = WHAT, block: int = 1,
             batch_size: int | None = None, variants: Sequence[str] = (),
             progress: bool = True) -> dict[str, Any]:
@@ -81,7 +70,7 @@ def analyze(run_dir: str | Path, what: Sequence[str] = WHAT, block: int = 1,
 
     `variants` limits the work to those variants; rows of other variants already in the tables
     are kept (analyze variants as they finish, or redo one)."""
-    from factmem.experiment import RunPaths, SetCache
+    from factmem.sets import SetCache
 
     if block < 1:
         raise FactmemError("--block: must be >= 1")
@@ -93,7 +82,7 @@ def analyze(run_dir: str | Path, what: Sequence[str] = WHAT, block: int = 1,
     tables: dict[str, list[dict[str, Any]]] = defaultdict(list)
     if variants:
         for table in TABLES:
-            path = root / "analysis" / f"{table}.jsonl"
+            path = analysis_table(root, table)
             if path.is_file():
                 tables[table] = [r for r in read_jsonl(path) if r["variant"] not in variants]
     notes: list[str] = []
@@ -124,18 +113,17 @@ def analyze(run_dir: str | Path, what: Sequence[str] = WHAT, block: int = 1,
                 model_based(cfg, sets, dirs, key, what, block, batch_size or cfg.eval.batch_size,
                             tables, notes, bar)
     bar.close()
-    out = root / "analysis"
     names = {"lens": ("lens_layers", "lens_facts")}
     for w in what:
         for table in names.get(w, (w,)):
-            io.write_jsonl(out / f"{table}.jsonl", tables.get(table, []))
-    old_path = out / "summary.json"
+            io.write_jsonl(analysis_table(root, table), tables.get(table, []))
+    summary_path = analysis_summary(root)
     # aggregates of instruments not run this time stay as they were
-    summary = json.loads(old_path.read_text()) if old_path.is_file() else {}
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary.update(summarize_tables(tables, what))
     summary["notes"] = notes
     summary["block"] = block
-    io.write_json(out / "summary.json", summary)
+    io.write_json(summary_path, summary)
     for n in notes:
         log.warning("%s", n)
     return summary
@@ -153,7 +141,7 @@ def collect_graded(cfg: ExperimentConfig, dirs, key) -> list[dict[str, Any]]:
     rows = []
     for stage, _, d in dirs:
         for name in cfg.track:
-            path = d / "predictions" / f"{name}.jsonl"
+            path = predictions_file(d, name)
             if path.is_file():
                 rows += [{**key, "stage": stage, "set": name, "id": p["id"], "correct": p["correct"],
                           "token_acc": p["token_acc"], "logprob": p["logprob"]}
@@ -171,8 +159,8 @@ def model_based(cfg: ExperimentConfig, sets, dirs, key, what, block: int, batch_
     fmt = Formatter.for_model(tok, cfg.model)
     prev_state = None  # weights before the current stage
     for i, (stage, trained_set, d) in enumerate(dirs):
-        ckpt = d / "checkpoint"
-        if stage == "base":
+        ckpt = checkpoint_dir(d)
+        if stage == BASE_STAGE:
             if "reversion" in what:
                 prev_state = {n: t for n, t in load_model(cfg.model).state_dict().items()}
             continue

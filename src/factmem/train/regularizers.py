@@ -28,11 +28,10 @@ from factmem.batch import target_logits
 from factmem.config import RegularizerConfig, StageConfig
 from factmem.data import Example
 from factmem.models import Encoded, Formatter
+from factmem.rundir import FISHER_FILE
 from factmem.train.loop import StageCallback, StageContext, batch_loss
 
 log = logging.getLogger(__name__)
-
-FISHER_FILE = "fisher.safetensors"
 
 
 # --------------------------------------------------------------------------------------------
