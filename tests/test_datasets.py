@@ -10,8 +10,7 @@ from factmem.config import parse
 from factmem.data import SOURCES, build_source, get_source
 from factmem.data.hub import sempre_answers
 from factmem.errors import DataError
-from factmem.evaluate import is_match
-from factmem.scoring import final_number, last_boxed, rouge_l
+from factmem.scoring import final_number, is_match, last_boxed, rouge_l
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PAPER_SETS = ["popqa", "triviaqa", "entityquestions", "lama", "webquestions", "gsm8k", "math",

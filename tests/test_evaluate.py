@@ -7,8 +7,9 @@ import torch
 from factmem.config import ModelConfig, StopConfig, TrainConfig
 from factmem.data import Example, build_source
 from factmem.data.synthetic import KVRParams
-from factmem.evaluate import evaluate_examples, forgetting, is_match
+from factmem.evaluate import evaluate_examples, forgetting
 from factmem.models import Formatter, load_model, load_tokenizer
+from factmem.scoring import is_match
 from factmem.train import train_stage
 
 

@@ -34,22 +34,9 @@ from factmem.batch import pad_batch
 from factmem.data.examples import Example
 from factmem.distributed import is_sharded
 from factmem.models import Encoded, Formatter
-from factmem.scoring import match_answer, rouge_l
+from factmem.scoring import MatchKind, is_match, rouge_l
 
-__all__ = ["Prediction", "evaluate_examples", "forgetting", "is_match", "pad_batch", "summarize"]
-
-
-def normalize(text: str) -> str:
-    return text.strip().lower()
-
-
-def is_match(prediction: str, answers: Sequence[str], mode: str = "exact") -> bool:
-    if mode not in ("exact", "contains"):  # number (GSM8K), boxed (MATH): see factmem.scoring
-        return match_answer(prediction, answers, mode)
-    p = normalize(prediction)
-    if mode == "contains":
-        return any(normalize(a) in p for a in answers)
-    return any(p == normalize(a) for a in answers)
+__all__ = ["Prediction", "evaluate_examples", "forgetting", "summarize"]
 
 
 @dataclass
@@ -170,7 +157,7 @@ def generate_answers(model, fmt: Formatter, items: Sequence[Encoded], batch_size
 
 def evaluate_examples(
     model, fmt: Formatter, examples: Sequence[Example], mode: str = "fast", batch_size: int = 32,
-    max_new_tokens: int = 64, match: str = "exact",
+    max_new_tokens: int = 64, match: str | MatchKind = MatchKind.EXACT,
 ) -> list[Prediction]:
     """Score every example: exact match (any alias), plus graded figures on the first answer."""
     gen: list[int] = []
@@ -197,11 +184,10 @@ def evaluate_examples(
                 for i, t in zip(gen, generate_answers(model, fmt, [primary[i] for i in gen],
                                                       batch_size, max_new_tokens)):
                     texts[i] = t
-                    kind = examples[i].meta.get("match", match)
-                    correct[i] = is_match(t, examples[i].answers, kind)
+                    correct[i] = is_match(t, examples[i].answers, examples[i].match_kind(match))
         elif mode == "generate":
             texts = generate_answers(model, fmt, primary, batch_size, max_new_tokens)
-            correct = [is_match(t, ex.answers, ex.meta.get("match", match))
+            correct = [is_match(t, ex.answers, ex.match_kind(match))
                        for t, ex in zip(texts, examples)]
         else:
             raise ValueError(f"unknown eval mode {mode!r}")
@@ -217,10 +203,10 @@ def evaluate_examples(
     ]
 
 
-def needs_generation(ex: Example, default_match: str = "exact") -> bool:
+def needs_generation(ex: Example, default_match: str | MatchKind = MatchKind.EXACT) -> bool:
     """True where exact token match cannot decide the verdict: task sets (ROUGE-L is scored on
     generated text) and examples matched by contains / number / boxed."""
-    return ex.kind == "task" or ex.meta.get("match", default_match) != "exact"
+    return ex.kind == "task" or ex.match_kind(default_match) is not MatchKind.EXACT
 
 
 def _decode_until_eos(fmt: Formatter, ids: list[int]) -> str:

@@ -85,7 +85,8 @@ def cache_key(model: dict[str, Any], data: dict[str, Any], settings: dict[str, A
 def judge(model, fmt, examples: list[Example], shots: list[Example], match: str,
           batch_size: int, max_new_tokens: int) -> list[dict[str, Any]]:
     """Greedy few-shot answers and verdicts, one dict per example."""
-    from factmem.evaluate import generate_answers, is_match
+    from factmem.evaluate import generate_answers
+    from factmem.scoring import is_match
 
     was_training = model.training
     model.eval()
