@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from factmem.batch import pad_batch
+from factmem.batch import answer_logits, answer_positions, length_sorted_batches, pad_batch
 from factmem.data.examples import Example
 from factmem.distributed import is_sharded
 from factmem.models import Encoded, Formatter
@@ -59,35 +59,13 @@ class Prediction:
         return self.__dict__.copy()
 
 
-def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def answer_positions(e: Encoded) -> range:
-    """Positions whose logits predict the final answer's tokens (answer + end-of-turn)."""
-    return range(e.prompt_len - 1, len(e) - 1)
-
-
-def answer_logits(model, ids: torch.Tensor, mask: torch.Tensor, first: int):
-    """Logits at positions first..T-2 only, and those positions. Answers are short next to
-    prompts, so skipping the unembedding elsewhere saves ~25% of a training step on SmolLM2
-    (49k vocabulary). Models whose forward lacks `logits_to_keep` get full logits, sliced."""
-    positions = torch.arange(first, ids.shape[1] - 1, device=ids.device)
-    try:
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=positions).logits
-    except TypeError:
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, positions]
-    return logits, positions
-
-
 @torch.no_grad()
 def teacher_forced(model, items: Sequence[Encoded], pad_id: int, batch_size: int):
     """Per item: (all argmax == gold, token accuracy, mean gold log-prob, argmax ids, answer
     token count)."""
     device = next(model.parameters()).device
     out: list[Any] = [None] * len(items)
-    for batch in _length_batches([len(e) for e in items], batch_size):
+    for batch in length_sorted_batches([len(e) for e in items], batch_size):
         ids, mask, _ = pad_batch([items[i] for i in batch], pad_id)
         first = min(items[i].prompt_len for i in batch) - 1
         logits, _ = answer_logits(model, ids.to(device), mask.to(device), first)
@@ -143,7 +121,7 @@ def generate_answers(model, fmt: Formatter, items: Sequence[Encoded], batch_size
                for e in items]
     texts: list[str] = [""] * len(items)
     with neutral_generation(model, fmt) as gen_cfg:
-        for batch in _length_batches([len(p) for p in prompts], batch_size):
+        for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
             ids, mask, _ = pad_batch([prompts[i] for i in batch], tok.pad_token_id, left=True)
             longest_gold = max(len(items[i]) - items[i].prompt_len for i in batch)
             gen_cfg.max_new_tokens = max(max_new_tokens, longest_gold + 1)

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from factmem.analysis.layers import decoder_layers, final_norm, unembedding
+from factmem.batch import pad_batch
 from factmem.data.examples import Example
-from factmem.evaluate import pad_batch
 from factmem.models import Encoded, Formatter
 
 
