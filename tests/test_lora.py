@@ -16,9 +16,8 @@ from factmem.config import (
 from factmem.data import build_source
 from factmem.data.synthetic import KVRParams
 from factmem.errors import ModelError
-from factmem.models import Formatter, load_model, load_tokenizer
+from factmem.models import Formatter, decoder_layers, load_model, load_tokenizer
 from factmem.train import train_stage
-from factmem.models import decoder_layers
 from factmem.train.lora import begin_stage, end_stage, freeze, is_adapter_model
 
 FACTS = build_source("kvr", KVRParams(key_length=4, value_length=2), 4, 0, 0)
