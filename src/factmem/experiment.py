@@ -31,7 +31,6 @@ import yaml
 
 from factmem import distributed as dist
 from factmem import io
-from factmem.analysis.retention import retention_callbacks
 from factmem.compare import comparison, write_comparison
 from factmem.config import Experiment, ExperimentConfig, SetConfig, to_dict
 from factmem.data import Example, build_source
@@ -47,6 +46,7 @@ from factmem.tracking import RunTracker, check_trackers
 from factmem.train import train_stage
 from factmem.train.lora import begin_stage, end_stage, is_adapter_model
 from factmem.train.regularizers import build_regularizers
+from factmem.train.retention import retention_callbacks
 from factmem.validate import check_set, model_context
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class SetCache:
         self._tokenizers: dict[str, Any] = {}
 
     def get(self, name: str, cfg: SetConfig) -> list[Example]:
-        from factmem.data.filter import refine_set
+        from factmem.filter import refine_set
 
         key = json.dumps(to_dict(cfg), sort_keys=True)
         refine = cfg.max_tokens is not None or cfg.filter != "none" or cfg.keep is not None

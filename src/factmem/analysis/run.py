@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 from factmem import io
 from factmem.analysis.logit_lens import layer_diversity, logit_lens
 from factmem.analysis.probes import run_probes
-from factmem.analysis.retention import RETENTION_FILE
 from factmem.analysis.reversion import layer_reversion
 from factmem.config import ExperimentConfig, load_experiment
 from factmem.errors import FactmemError
+from factmem.train.retention import RETENTION_FILE
 
 log = logging.getLogger(__name__)
 

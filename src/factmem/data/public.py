@@ -1,4 +1,4 @@
-"""The paper's data sets by name, from the Hugging Face hub or from local files.
+"""The paper's public data sets by name, read from the Hugging Face hub or from a local copy.
 
 Every loader reads rows from either `datasets.load_dataset(hub, config, split=split)` or a local
 `path` (jsonl, json, csv/tsv, parquet, a `save_to_disk` folder), then ONE shared function,
