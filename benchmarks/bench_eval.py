@@ -26,8 +26,9 @@ def run(model_name: str, n: int, batch_size: int, max_new_tokens: int) -> dict:
     from factmem.config import ModelConfig
     from factmem.data import Example, build_source
     from factmem.data.synthetic import KVRParams
-    from factmem.evaluate import evaluate_examples, is_match, teacher_forced
+    from factmem.evaluate import evaluate_examples, teacher_forced
     from factmem.models import Formatter, load_model, load_tokenizer
+    from factmem.scoring import is_match
 
     cfg = ModelConfig(name=model_name)
     fmt = Formatter(load_tokenizer(cfg))

@@ -8,10 +8,9 @@ import pytest
 
 from factmem.config import parse
 from factmem.data import SOURCES, build_source, get_source
-from factmem.data.hub import sempre_answers
+from factmem.data.public import sempre_answers
 from factmem.errors import DataError
-from factmem.evaluate import is_match
-from factmem.scoring import final_number, last_boxed, rouge_l
+from factmem.scoring import is_match
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PAPER_SETS = ["popqa", "triviaqa", "entityquestions", "lama", "webquestions", "gsm8k", "math",
@@ -54,7 +53,7 @@ def test_entityquestions_folder_relations_and_both_formats(shared_data):
 def test_lama_trex_templates_are_built_in_and_equal_lamas(shared_data, tmp_path):
     """A released T-REx file loads without a relations file; the built-in table is LAMA's
     relations.jsonl, relation for relation; `relations_path` overrides it."""
-    from factmem.data.hub import TREX_TEMPLATES
+    from factmem.data.public import TREX_TEMPLATES
 
     released = {(r := json.loads(line))["relation"]: r["template"] for line in
                 (shared_data / "lama_trex" / "relations.jsonl").read_text().splitlines()}
@@ -217,12 +216,3 @@ def test_entities_are_fictional_seeded_and_disjoint_by_offset():
     assert load("entities", n=3, seed=1)[0].target != a[0].target
     bare = load("entities", n=2, prompt_template="{question}", relations=["capital"])
     assert bare[0].prompt.startswith("What is the capital of ") and bare[0].prompt.endswith("?")
-
-
-def test_rouge_l_and_answer_extraction():
-    assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
-    assert rouge_l("", "a b") == 0.0
-    # LCS("a b c d", "a c d e") = 3 -> P = R = 3/4 -> F1 = 0.75
-    assert rouge_l("A b c d", "a c d e") == pytest.approx(0.75)
-    assert final_number("x\n#### 1,234") == "1234" and final_number("it is 18.00") == "18"
-    assert last_boxed("\\boxed{1} then \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"

@@ -1,5 +1,5 @@
-"""Exact match: normalisation, aliases, containment; fast teacher-forced mode agrees with
-`generate` on every fact; accuracy matrix and forgetting."""
+"""Evaluation: fast teacher-forced mode agrees with `generate` on every fact; task sets are
+generated and report ROUGE-L and loss; accuracy matrix and forgetting."""
 
 import pytest
 import torch
@@ -7,16 +7,9 @@ import torch
 from factmem.config import ModelConfig, StopConfig, TrainConfig
 from factmem.data import Example, build_source
 from factmem.data.synthetic import KVRParams
-from factmem.evaluate import evaluate_examples, forgetting, is_match
+from factmem.evaluate import evaluate_examples, forgetting
 from factmem.models import Formatter, load_model, load_tokenizer
 from factmem.train import train_stage
-
-
-def test_normalised_exact_match_any_alias_counts():
-    assert is_match("  Paris \n", ["paris"])
-    assert is_match("FRANCE", ["Paris", "france"])
-    assert not is_match("Paris, France", ["paris"])
-    assert is_match("It is Paris, France", ["paris"], mode="contains")
 
 
 def test_forgetting_is_own_stage_minus_final():
@@ -107,3 +100,21 @@ def test_answers_are_stripped_where_examples_are_made():
     """A gold with a trailing space could never equal a stripped prediction in fast mode."""
     ex = Example.qa("x:0", "q", "Paris ", aliases=[" paris", "", "Paris"])
     assert ex.target == "Paris" and ex.answers == ("Paris", "paris")
+
+
+def test_task_sets_are_generated_and_report_rouge_and_loss(tiny_model_dir):
+    from factmem.config import ModelConfig
+    from factmem.evaluate import evaluate_examples, summarize
+    from factmem.models import Formatter, load_model, load_tokenizer
+
+    cfg = ModelConfig(name=str(tiny_model_dir))
+    model, fmt = load_model(cfg), Formatter(load_tokenizer(cfg))
+    task = Example.qa("t:0", "Add 2 and 3.", "2 + 3 = 5\n#### 5", kind="task", match="number")
+    fact = Example.qa("f:0", "Capital?", "Paris")
+    preds = evaluate_examples(model, fmt, [task, fact], mode="fast", max_new_tokens=8)
+    assert preds[0].rouge_l is not None and preds[1].rouge_l is None
+    summary = summarize(preds)
+    # the task loss is the mean NLL per answer token of the task items (not a mean of
+    # per-item means, nor mixed with the factoid's figures)
+    assert "rouge_l" in summary and preds[0].answer_tokens == len("2 + 3 = 5\n#### 5") + 1
+    assert summary["loss"] == pytest.approx(-preds[0].logprob)

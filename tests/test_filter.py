@@ -1,4 +1,4 @@
-"""Yet-to-learn filtering, max_tokens, and per-example scoring in evaluation."""
+"""Yet-to-learn filtering and max_tokens."""
 
 import json
 from pathlib import Path
@@ -7,7 +7,6 @@ import pytest
 
 from factmem.cli import main
 from factmem.config import experiment_from_dict
-from factmem.data import Example
 from factmem.sets import SetCache
 
 FACTS = Path(__file__).parent / "fixtures" / "filter_facts.jsonl"
@@ -44,7 +43,7 @@ def test_filter_without_room_for_shots_is_a_one_line_error(tiny_model_dir, tmp_p
 
 
 def test_set_cache_applies_max_tokens_and_filter(tiny_model_dir, tmp_path, monkeypatch):
-    from factmem.data import filter as filt
+    from factmem import filter as filt
     from factmem.data import build_source
     from factmem.data.entities import EntitiesParams
     from factmem.models import Formatter, load_tokenizer
@@ -68,24 +67,6 @@ def test_set_cache_applies_max_tokens_and_filter(tiny_model_dir, tmp_path, monke
     assert all(len(fmt.encode(e)) <= limit for e in got)
 
 
-def test_task_sets_are_generated_and_report_rouge_and_loss(tiny_model_dir):
-    from factmem.config import ModelConfig
-    from factmem.evaluate import evaluate_examples, summarize
-    from factmem.models import Formatter, load_model, load_tokenizer
-
-    cfg = ModelConfig(name=str(tiny_model_dir))
-    model, fmt = load_model(cfg), Formatter(load_tokenizer(cfg))
-    task = Example.qa("t:0", "Add 2 and 3.", "2 + 3 = 5\n#### 5", kind="task", match="number")
-    fact = Example.qa("f:0", "Capital?", "Paris")
-    preds = evaluate_examples(model, fmt, [task, fact], mode="fast", max_new_tokens=8)
-    assert preds[0].rouge_l is not None and preds[1].rouge_l is None
-    summary = summarize(preds)
-    # the task loss is the mean NLL per answer token of the task items (not a mean of
-    # per-item means, nor mixed with the factoid's figures)
-    assert "rouge_l" in summary and preds[0].answer_tokens == len("2 + 3 = 5\n#### 5") + 1
-    assert summary["loss"] == pytest.approx(-preds[0].logprob)
-
-
 @pytest.mark.slow
 def test_embedded_model_knows_capitals_not_fictional_entities(tmp_path, capsys):
     """SmolLM2-135M, 3-shot: 6 capitals it knows, 6 fictional-entity facts it cannot know."""
@@ -101,8 +82,8 @@ def test_embedded_model_knows_capitals_not_fictional_entities(tmp_path, capsys):
 
 
 def test_keep_takes_the_first_items_left_after_filtering(tiny_model_dir, tmp_path, monkeypatch):
+    from factmem import filter as filt
     from factmem.config import experiment_from_dict
-    from factmem.data import filter as filt
     from factmem.errors import DataError
     from factmem.sets import SetCache
 

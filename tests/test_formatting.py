@@ -4,9 +4,9 @@ assistant tokens (end-of-turn included), padding never labelled."""
 import pytest
 import torch
 
+from factmem.batch import pad_batch
 from factmem.data import Example
 from factmem.errors import DataError
-from factmem.evaluate import pad_batch
 from factmem.models import Formatter
 
 from conftest import make_char_tokenizer

@@ -3,16 +3,17 @@
 import pytest
 import torch
 
-from factmem.analysis.layers import decoder_layers, final_norm, layer_param_groups, unembedding
+from factmem.analysis.layers import final_norm, layer_param_groups, unembedding
 from factmem.analysis.logit_lens import (
     capture_residuals, first_stable_layer, layer_diversity, lens_logits, logit_lens,
 )
+from factmem.batch import pad_batch
 from factmem.config import ModelConfig
 from factmem.data import build_source
 from factmem.data.synthetic import KVRParams
 from factmem.errors import ModelError
-from factmem.evaluate import evaluate_examples, pad_batch
-from factmem.models import Formatter, load_model, load_tokenizer
+from factmem.evaluate import evaluate_examples
+from factmem.models import Formatter, decoder_layers, load_model, load_tokenizer
 
 FACTS = build_source("kvr", KVRParams(key_length=4, value_length=3), 5, 0, 0)
 

@@ -16,9 +16,9 @@ from factmem.config import (
 from factmem.data import build_source
 from factmem.data.synthetic import KVRParams
 from factmem.errors import ModelError
-from factmem.models import Formatter, load_model, load_tokenizer
+from factmem.models import Formatter, decoder_layers, load_model, load_tokenizer
 from factmem.train import train_stage
-from factmem.train.lora import begin_stage, decoder_layers, end_stage, freeze, is_adapter_model
+from factmem.train.lora import begin_stage, end_stage, freeze, is_adapter_model
 
 FACTS = build_source("kvr", KVRParams(key_length=4, value_length=2), 4, 0, 0)
 
@@ -87,7 +87,7 @@ def test_a_kept_adapter_is_merged_by_a_full_fine_tuning_stage(tiny):
 def test_freezing_keeps_embeddings_and_layers_fixed_then_unfreezes(tiny):
     model, fmt = tiny
     acc = Accelerator(cpu=True)
-    assert len(decoder_layers(model)) == model.config.num_hidden_layers == 2
+    assert len(decoder_layers(model)[1]) == model.config.num_hidden_layers == 2
     before = snapshot(model)
     stage = StageConfig(name="s", set="x", freeze=FreezeConfig(embeddings=True, layers=[-1]))
     prepared, parts = begin_stage(acc.prepare(model), stage, acc)

@@ -7,12 +7,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from factmem.analysis.retention import RetentionCallback, read_retention
 from factmem.config import ModelConfig, StopConfig, TrainConfig
 from factmem.data import build_source
 from factmem.data.synthetic import KVRParams
 from factmem.models import Formatter, load_model, load_tokenizer
 from factmem.train import train_stage
+from factmem.train.retention import RetentionCallback, read_retention
 
 
 def test_retention_rows_every_n_steps(tiny_model_dir, tmp_path):
@@ -47,9 +47,9 @@ def test_retention_rows_every_n_steps(tiny_model_dir, tmp_path):
 
 
 def test_retention_sets_limit_the_curves_to_the_named_sets(tmp_path):
-    from factmem.analysis.retention import retention_callbacks
     from factmem.config import experiment_from_dict
     from factmem.errors import ConfigError
+    from factmem.train.retention import retention_callbacks
 
     raw = {"sets": {"a": {"source": "kvr", "n": 2}, "b": {"source": "kvr", "n": 2, "offset": 9}},
            "stages": [{"name": "s1", "set": "a"}, {"name": "s2", "set": "b"}],

@@ -6,10 +6,11 @@ from accelerate import Accelerator
 
 from factmem.analysis.layers import layer_param_groups
 from factmem.analysis.reversion import layer_reversion, reverted
+from factmem.batch import pad_batch
 from factmem.config import ModelConfig, StopConfig, TrainConfig
 from factmem.data import build_source
 from factmem.data.synthetic import KVRParams
-from factmem.evaluate import evaluate_examples, pad_batch
+from factmem.evaluate import evaluate_examples
 from factmem.models import Formatter, load_model, load_tokenizer
 from factmem.train import train_stage
 

@@ -1,5 +1,5 @@
-"""Model inputs: encoded items as padded rows or as one packed row, and the logits at the
-positions that carry a loss.
+"""Model inputs: encoded items as padded rows or as one packed row, batches of similar length,
+and the logits at the positions that carry a loss (training targets, evaluated answers).
 
 Targets. Position t of a row predicts the token at t + 1. `targets[r, t]` is that token where it
 is labelled (an assistant token, see `models.Encoded`) and -100 elsewhere, so every labelled
@@ -78,6 +78,14 @@ def pad_batch(items: Sequence[Encoded], pad_id: int, left: bool = False):
     return ids, mask, labels
 
 
+def length_sorted_batches(lengths: Sequence[int], batch_size: int,
+                          indices: Sequence[int] | None = None) -> list[list[int]]:
+    """`indices` (default: all) sorted by length (stable: ties keep their order) and cut into
+    batches of `batch_size`: items of similar length share a batch, so little is padding."""
+    order = sorted(range(len(lengths)) if indices is None else indices, key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def padded(items: Sequence[Encoded], pad_id: int) -> ModelBatch:
     """One row per item, right-padded to the longest item of the batch."""
     ids, mask, _ = pad_batch(items, pad_id)
@@ -154,6 +162,23 @@ def target_logits(model, batch: ModelBatch) -> tuple[torch.Tensor, torch.Tensor,
     targets = batch.targets[:, keep_cols]
     keep = targets != -100
     return logits[keep], targets[keep], batch.owner[:, keep_cols][keep]
+
+
+def answer_positions(e: Encoded) -> range:
+    """Positions whose logits predict the final answer's tokens (answer + end-of-turn)."""
+    return range(e.prompt_len - 1, len(e) - 1)
+
+
+def answer_logits(model, ids: torch.Tensor, mask: torch.Tensor, first: int):
+    """Logits at positions first..T-2 only, and those positions. Answers are short next to
+    prompts, so skipping the unembedding elsewhere saves ~25% of a training step on SmolLM2
+    (49k vocabulary). Models whose forward lacks `logits_to_keep` get full logits, sliced."""
+    positions = torch.arange(first, ids.shape[1] - 1, device=ids.device)
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=positions).logits
+    except TypeError:
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, positions]
+    return logits, positions
 
 
 @torch.no_grad()

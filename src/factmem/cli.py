@@ -83,7 +83,7 @@ def _cmd_data_filter(args: argparse.Namespace) -> int:
     """Yet-to-learn filtering: keep the facts the base model gets wrong few-shot."""
     from factmem import io
     from factmem.config import ModelConfig, to_dict
-    from factmem.data.filter import filter_unknown, shot_examples
+    from factmem.filter import filter_unknown, shot_examples
     from factmem.sets import build_set
 
     cfg = _set_from_args(args)

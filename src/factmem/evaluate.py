@@ -30,26 +30,13 @@ from typing import Any
 
 import torch
 
-from factmem.batch import pad_batch
+from factmem.batch import answer_logits, answer_positions, length_sorted_batches, pad_batch
 from factmem.data.examples import Example
 from factmem.distributed import is_sharded
 from factmem.models import Encoded, Formatter
-from factmem.scoring import match_answer, rouge_l
+from factmem.scoring import MatchKind, is_match, rouge_l
 
-__all__ = ["Prediction", "evaluate_examples", "forgetting", "is_match", "pad_batch", "summarize"]
-
-
-def normalize(text: str) -> str:
-    return text.strip().lower()
-
-
-def is_match(prediction: str, answers: Sequence[str], mode: str = "exact") -> bool:
-    if mode not in ("exact", "contains"):  # number (GSM8K), boxed (MATH): see factmem.scoring
-        return match_answer(prediction, answers, mode)
-    p = normalize(prediction)
-    if mode == "contains":
-        return any(normalize(a) in p for a in answers)
-    return any(p == normalize(a) for a in answers)
+__all__ = ["Prediction", "evaluate_examples", "forgetting", "summarize"]
 
 
 @dataclass
@@ -72,35 +59,13 @@ class Prediction:
         return self.__dict__.copy()
 
 
-def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def answer_positions(e: Encoded) -> range:
-    """Positions whose logits predict the final answer's tokens (answer + end-of-turn)."""
-    return range(e.prompt_len - 1, len(e) - 1)
-
-
-def answer_logits(model, ids: torch.Tensor, mask: torch.Tensor, first: int):
-    """Logits at positions first..T-2 only, and those positions. Answers are short next to
-    prompts, so skipping the unembedding elsewhere saves ~25% of a training step on SmolLM2
-    (49k vocabulary). Models whose forward lacks `logits_to_keep` get full logits, sliced."""
-    positions = torch.arange(first, ids.shape[1] - 1, device=ids.device)
-    try:
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=positions).logits
-    except TypeError:
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, positions]
-    return logits, positions
-
-
 @torch.no_grad()
 def teacher_forced(model, items: Sequence[Encoded], pad_id: int, batch_size: int):
     """Per item: (all argmax == gold, token accuracy, mean gold log-prob, argmax ids, answer
     token count)."""
     device = next(model.parameters()).device
     out: list[Any] = [None] * len(items)
-    for batch in _length_batches([len(e) for e in items], batch_size):
+    for batch in length_sorted_batches([len(e) for e in items], batch_size):
         ids, mask, _ = pad_batch([items[i] for i in batch], pad_id)
         first = min(items[i].prompt_len for i in batch) - 1
         logits, _ = answer_logits(model, ids.to(device), mask.to(device), first)
@@ -156,7 +121,7 @@ def generate_answers(model, fmt: Formatter, items: Sequence[Encoded], batch_size
                for e in items]
     texts: list[str] = [""] * len(items)
     with neutral_generation(model, fmt) as gen_cfg:
-        for batch in _length_batches([len(p) for p in prompts], batch_size):
+        for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
             ids, mask, _ = pad_batch([prompts[i] for i in batch], tok.pad_token_id, left=True)
             longest_gold = max(len(items[i]) - items[i].prompt_len for i in batch)
             gen_cfg.max_new_tokens = max(max_new_tokens, longest_gold + 1)
@@ -170,7 +135,7 @@ def generate_answers(model, fmt: Formatter, items: Sequence[Encoded], batch_size
 
 def evaluate_examples(
     model, fmt: Formatter, examples: Sequence[Example], mode: str = "fast", batch_size: int = 32,
-    max_new_tokens: int = 64, match: str = "exact",
+    max_new_tokens: int = 64, match: str | MatchKind = MatchKind.EXACT,
 ) -> list[Prediction]:
     """Score every example: exact match (any alias), plus graded figures on the first answer."""
     gen: list[int] = []
@@ -197,11 +162,10 @@ def evaluate_examples(
                 for i, t in zip(gen, generate_answers(model, fmt, [primary[i] for i in gen],
                                                       batch_size, max_new_tokens)):
                     texts[i] = t
-                    kind = examples[i].meta.get("match", match)
-                    correct[i] = is_match(t, examples[i].answers, kind)
+                    correct[i] = is_match(t, examples[i].answers, examples[i].match_kind(match))
         elif mode == "generate":
             texts = generate_answers(model, fmt, primary, batch_size, max_new_tokens)
-            correct = [is_match(t, ex.answers, ex.meta.get("match", match))
+            correct = [is_match(t, ex.answers, ex.match_kind(match))
                        for t, ex in zip(texts, examples)]
         else:
             raise ValueError(f"unknown eval mode {mode!r}")
@@ -217,10 +181,10 @@ def evaluate_examples(
     ]
 
 
-def needs_generation(ex: Example, default_match: str = "exact") -> bool:
+def needs_generation(ex: Example, default_match: str | MatchKind = MatchKind.EXACT) -> bool:
     """True where exact token match cannot decide the verdict: task sets (ROUGE-L is scored on
     generated text) and examples matched by contains / number / boxed."""
-    return ex.kind == "task" or ex.meta.get("match", default_match) != "exact"
+    return ex.kind == "task" or ex.match_kind(default_match) is not MatchKind.EXACT
 
 
 def _decode_until_eos(fmt: Formatter, ids: list[int]) -> str:

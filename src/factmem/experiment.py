@@ -25,7 +25,7 @@ import yaml
 
 from factmem import distributed as dist
 from factmem import io, rundir
-from factmem.analysis.retention import retention_callbacks
+from factmem.train.retention import retention_callbacks
 from factmem.compare import comparison, write_comparison
 from factmem.config import EvalConfig, Experiment, ExperimentConfig, StageConfig, to_dict
 from factmem.data import Example
@@ -43,6 +43,7 @@ from factmem.train.checkpoint import StageCheckpointer, save_pretrained_dir
 from factmem.train.guard import FiniteGuard
 from factmem.train.lora import begin_stage, end_stage, is_adapter_model
 from factmem.train.regularizers import build_regularizers
+from factmem.train.retention import retention_callbacks
 from factmem.validate import check_set, model_context
 
 log = logging.getLogger(__name__)

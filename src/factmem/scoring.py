@@ -1,6 +1,7 @@
-"""Answer matching beyond exact match, and ROUGE-L.
+"""Answer matching (one registry of match kinds, used by evaluation and the yet-to-learn
+filter) and ROUGE-L.
 
-Match kinds (an example's `meta["match"]`, else `eval.match`):
+Match kinds (an example's `Example.match_kind`, else `eval.match`):
 - exact: the normalised prediction equals one of the answers (`strip().lower()`, the paper's EM)
 - contains: one of the answers occurs in the normalised prediction (WebQuestions)
 - number: the final number of the prediction (after `####` if present, else its last number)
@@ -11,9 +12,33 @@ Match kinds (an example's `meta["match"]`, else `eval.match`):
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from enum import Enum
 
-MATCH_KINDS = ("exact", "contains", "number", "boxed")
+
+class MatchKind(str, Enum):
+    """How a prediction is compared with the gold answers. A str-Enum: equal to its name as a
+    plain string, so configs and JSON files keep writing "exact", "contains", ..."""
+
+    EXACT = "exact"
+    CONTAINS = "contains"
+    NUMBER = "number"
+    BOXED = "boxed"
+
+    def __str__(self) -> str:  # "exact", not "MatchKind.EXACT", in messages and f-strings
+        return self.value
+
+    @classmethod
+    def parse(cls, value: str | MatchKind) -> MatchKind:
+        """The kind named `value`; an unknown name is a ValueError listing the valid ones."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"unknown match kind {value!r}; valid: {', '.join(MATCH_KINDS)}"
+                             ) from None
+
+
+MATCH_KINDS = tuple(k.value for k in MatchKind)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -47,19 +72,38 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def match_answer(prediction: str, answers: Sequence[str], mode: str = "exact") -> bool:
+def _exact(prediction: str, answers: Sequence[str]) -> bool:
     p = normalize(prediction)
-    if mode == "contains":
-        return any(normalize(a) in p for a in answers)
-    if mode == "number":
-        got = final_number(prediction)
-        return got is not None and any(final_number(a) == got for a in answers)
-    if mode == "boxed":
-        got = last_boxed(prediction)
-        return got is not None and any(last_boxed(a) == got for a in answers)
-    if mode != "exact":
-        raise ValueError(f"unknown match kind {mode!r}; valid: {', '.join(MATCH_KINDS)}")
     return any(p == normalize(a) for a in answers)
+
+
+def _contains(prediction: str, answers: Sequence[str]) -> bool:
+    p = normalize(prediction)
+    return any(normalize(a) in p for a in answers)
+
+
+def _same_number(prediction: str, answers: Sequence[str]) -> bool:
+    got = final_number(prediction)
+    return got is not None and any(final_number(a) == got for a in answers)
+
+
+def _same_boxed(prediction: str, answers: Sequence[str]) -> bool:
+    got = last_boxed(prediction)
+    return got is not None and any(last_boxed(a) == got for a in answers)
+
+
+MATCHERS: dict[MatchKind, Callable[[str, Sequence[str]], bool]] = {
+    MatchKind.EXACT: _exact,
+    MatchKind.CONTAINS: _contains,
+    MatchKind.NUMBER: _same_number,
+    MatchKind.BOXED: _same_boxed,
+}
+
+
+def is_match(prediction: str, answers: Sequence[str],
+             mode: str | MatchKind = MatchKind.EXACT) -> bool:
+    """Whether `prediction` matches one of `answers` by match kind `mode`."""
+    return MATCHERS[MatchKind.parse(mode)](prediction, answers)
 
 
 def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
@@ -76,7 +120,11 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 on lowercased whitespace tokens (Lin 2004, beta = 1)."""
+    """ROUGE-L F1 on lowercased whitespace tokens (Lin 2004, beta = 1).
+
+    Written here rather than taken from `rouge-score`: its default tokenizer drops every
+    character outside [a-z0-9] (text in other scripts scores 0, "Paris," and "Paris" become the
+    same token, so the figures differ from these) and it pulls in nltk."""
     p, r = prediction.lower().split(), reference.lower().split()
     lcs = lcs_length(p, r)
     if lcs == 0:

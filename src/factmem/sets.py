@@ -36,7 +36,7 @@ class SetCache:
 
     def get(self, name: str, cfg: SetConfig, model: ModelConfig) -> list[Example]:
         """The set `name` of config `cfg`, for the variant's `model`."""
-        from factmem.data.filter import refine_set
+        from factmem.filter import refine_set
 
         key = json.dumps(to_dict(cfg), sort_keys=True)
         refine = needs_model(cfg)

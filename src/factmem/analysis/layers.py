@@ -1,9 +1,9 @@
-"""Finding a causal LM's parts generically: its decoder layers, final norm and unembedding.
+"""Finding a causal LM's parts generically: its final norm, unembedding and per-layer parameter
+groups (the decoder layers themselves: `models.decoder_layers`).
 
-No list of architectures: the decoder layers are the `nn.ModuleList` holding exactly
-`config.num_hidden_layers` modules, the final norm is the norm module the decoder applies
-before the unembedding (`norm`, `final_layernorm`, `ln_f`, ... on the decoder), and the
-unembedding is `get_output_embeddings()`.
+No list of architectures: the final norm is the norm module the decoder applies before the
+unembedding (`norm`, `final_layernorm`, `ln_f`, ... on the decoder), and the unembedding is
+`get_output_embeddings()`.
 """
 
 from __future__ import annotations
@@ -11,26 +11,9 @@ from __future__ import annotations
 from torch import nn
 
 from factmem.errors import ModelError
+from factmem.models import decoder_layers
 
 NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "final_norm")
-
-
-def num_layers(model) -> int:
-    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
-    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
-    if not n:
-        raise ModelError(f"{type(model).__name__}: config has no num_hidden_layers")
-    return int(n)
-
-
-def decoder_layers(model) -> tuple[str, nn.ModuleList]:
-    """(qualified name, module list) of the transformer blocks, in order."""
-    n = num_layers(model)
-    found = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, nn.ModuleList) and len(m) == n]
-    if not found:
-        raise ModelError(f"{type(model).__name__}: no module list of {n} decoder layers found")
-    return found[0]  # the outermost: vision towers etc. come after the text decoder rarely matter
 
 
 def final_norm(model) -> nn.Module:

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from factmem.analysis.layers import decoder_layers, final_norm, unembedding
+from factmem.analysis.layers import final_norm, unembedding
+from factmem.batch import pad_batch
 from factmem.data.examples import Example
-from factmem.evaluate import pad_batch
-from factmem.models import Encoded, Formatter
+from factmem.models import Encoded, Formatter, decoder_layers
 
 
 @contextmanager

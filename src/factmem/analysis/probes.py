@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from factmem.data.examples import Example
@@ -30,6 +31,22 @@ ENTITY_PARAPHRASE = "Tell me the {relation} of {subject}."
 ENTITY_CHOICE = ("What is the {relation} of {subject}? Options: {options}. "
                  "Answer with the option only.")
 ENTITY_REVERSE = "Whose {relation} is {object}?"
+
+
+@dataclass(frozen=True)
+class ProbeTemplates:
+    """The changed forms of a fact's question; fields {key} {value} (KVR), {subject}
+    {relation} {object} (entities) and {options} (choice)."""
+
+    paraphrase: str
+    choice: str
+    reverse: str
+
+
+TEMPLATES = {  # fact kind (see `fact_triple`) -> its probe questions
+    "kvr": ProbeTemplates(KVR_PARAPHRASE, KVR_CHOICE, KVR_REVERSE),
+    "entity": ProbeTemplates(ENTITY_PARAPHRASE, ENTITY_CHOICE, ENTITY_REVERSE),
+}
 
 
 def fact_triple(ex: Example) -> tuple[str, str, str, str] | None:
@@ -56,14 +73,12 @@ def build_probes(examples: Sequence[Example], n_choices: int = 4, seed: int = 0
         options = [obj, *rng.sample(pool, min(n_choices - 1, len(pool)))]
         rng.shuffle(options)
         meta = {"fact": ex.id, "subject": subj, "relation": rel, "object": obj}
-        if kind == "kvr":
-            para = KVR_PARAPHRASE.format(key=subj)
-            choice = KVR_CHOICE.format(key=subj, options=", ".join(options))
-            rev = KVR_REVERSE.format(value=obj)
-        else:
-            para = ENTITY_PARAPHRASE.format(relation=rel, subject=subj)
-            choice = ENTITY_CHOICE.format(relation=rel, subject=subj, options=", ".join(options))
-            rev = ENTITY_REVERSE.format(relation=rel, object=obj)
+        fields = {"key": subj, "value": obj, "subject": subj, "relation": rel, "object": obj,
+                  "options": ", ".join(options)}
+        templates = TEMPLATES[kind]
+        para = templates.paraphrase.format(**fields)
+        choice = templates.choice.format(**fields)
+        rev = templates.reverse.format(**fields)
         out["original"].append(Example(f"{ex.id}#original", ex.messages, ex.answers, ex.kind,
                                        {**meta, "probe": "original"}))
         out["paraphrase"].append(Example.qa(f"{ex.id}#paraphrase", para, ex.answers[0],

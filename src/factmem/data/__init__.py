@@ -1,10 +1,10 @@
 """Data: examples, the source registry and the built-in sources.
 
 Importing this package registers every built-in source (kvr, random-words, generic, jsonl,
-the paper's hub/local sets in hub.py, entities)."""
+the paper's public sets in public.py, entities)."""
 
 from factmem.data import generic, local, synthetic  # noqa: F401  (registration side effect)
-from factmem.data import entities, hub  # noqa: F401,E402  (the paper's sets, fictional entities)
+from factmem.data import entities, public  # noqa: F401,E402  (the paper's sets, fictional entities)
 from factmem.data.examples import Example
 from factmem.data.registry import SOURCES, SourceSpec, build_source, get_source
 

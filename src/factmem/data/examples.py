@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from factmem.scoring import MatchKind
+
 Kind = Literal["factoid", "task", "mix"]
 
 
@@ -41,6 +43,11 @@ class Example:
         answers = (answer, *dict.fromkeys(a.strip() for a in aliases
                                          if a.strip() and a.strip() != answer))
         return cls(id, (("user", prompt), ("assistant", answer)), answers, kind, dict(meta))
+
+    def match_kind(self, default: str | MatchKind = MatchKind.EXACT) -> MatchKind:
+        """How this example's answer is scored: the kind its source set (`meta["match"]`:
+        WebQuestions contains, GSM8K number, MATH boxed), else `default` (`eval.match`)."""
+        return MatchKind.parse(self.meta.get("match", default))
 
     @property
     def source(self) -> str:

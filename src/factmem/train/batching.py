@@ -22,6 +22,8 @@ import math
 import random
 from collections.abc import Sequence
 
+from factmem.batch import length_sorted_batches
+
 
 def mixed_batches(groups: Sequence[int], batch_size: int, seed: int, epoch: int
                   ) -> list[list[int]]:
@@ -70,8 +72,7 @@ def length_grouped_batches(
     group = batch_size * group_batches
     batches = []
     for g in range(0, len(order), group):
-        chunk = sorted(order[g : g + group], key=lambda i: lengths[i])
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        batches += length_sorted_batches(lengths, batch_size, order[g : g + group])
     rng.shuffle(batches)
     return batches
 

@@ -248,41 +248,25 @@ def train_stage(
     evaluation scores it (`eval_cfg.match`): the stage's own set (default: `examples`)."""
     start = time.perf_counter()
     data = StageItems.build(fmt, examples, groups, cfg.label_padding)  # tokenised once
+    ctx, pack = setup_stage(model, accelerator, fmt, cfg, len(data.encoded))
+    run = _Run(ctx, data, seed, pack, callbacks or [], progress, desc)
+    check = memorize_check if memorize_check is not None else examples
+    run.run_epochs(check, eval_cfg or EvalConfig())
+    accelerator.free_memory(ctx.optimizer, ctx.scheduler)  # drop accelerate's references to them
+    return run.result(time.perf_counter() - start)
+
+
+def setup_stage(model, accelerator, fmt: Formatter, cfg: TrainConfig, n_items: int
+                ) -> tuple[StageContext, bool]:
+    """The stage's context (stop rule, optimizer and schedule over the most epochs the rule
+    allows, prepared for the process layout) and whether micro-batches are packed."""
     rule = StopRule(cfg.stop)
-    steps_per_epoch = math.ceil(len(data.encoded) / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_items / cfg.batch_size)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * rule.max_epochs)
     optimizer, scheduler = dist.prepare_training(accelerator, optimizer, scheduler)
     pack = choose_layout(accelerator.unwrap_model(model), cfg)
-    eval_cfg = eval_cfg or EvalConfig()
-    check = memorize_check if memorize_check is not None else examples
-    callbacks = callbacks or []
-    ctx = StageContext(model, accelerator, fmt, cfg, optimizer, scheduler, rule)
-    run = _Run(ctx, data, seed, pack, callbacks, progress, desc)
-    model.train()
-    for cb in callbacks:
-        cb.on_stage_start(ctx)
-    first_epoch = run.restore()
-    last_epoch = first_epoch - 1 if rule.state.stopped else rule.max_epochs
-    for epoch in range(first_epoch, last_epoch + 1):
-        run.epoch(epoch)
-        if rule.state.stopped:
-            break
-        if rule.checks_memorization and check:
-            run.check_memorization(epoch, check, eval_cfg)
-        for cb in callbacks:
-            cb.on_epoch_end(ctx)
-        if rule.after_epoch(epoch, run.em):
-            break
-    for cb in callbacks:
-        cb.on_stage_end(ctx)
-    accelerator.free_memory(optimizer, scheduler)  # drop accelerate's references to them
-    return StageResult(
-        epochs=ctx.log[-1]["epoch"] if ctx.log else 0, steps=ctx.step,
-        stop_reason=rule.state.reason, final_loss=run.loss, memorized_epoch=run.memorized_epoch,
-        padding_fraction=sum(run.pad_fracs) / max(len(run.pad_fracs), 1), tokens=ctx.tokens,
-        layout="packed" if pack else "padded", seconds=time.perf_counter() - start, log=ctx.log,
-    )
+    return StageContext(model, accelerator, fmt, cfg, optimizer, scheduler, rule), pack
 
 
 class _Run:
@@ -317,6 +301,38 @@ class _Run:
                           for e in range(1, resume.epoch)]
         return resume.epoch
 
+    def run_epochs(self, check: list[Example], eval_cfg: EvalConfig) -> None:
+        """Epochs until the stop rule says so, from the start or from a restored point."""
+        ctx, rule = self.ctx, self.ctx.rule
+        ctx.model.train()
+        for cb in self.callbacks:
+            cb.on_stage_start(ctx)
+        first_epoch = self.restore()
+        last_epoch = first_epoch - 1 if rule.state.stopped else rule.max_epochs
+        for epoch in range(first_epoch, last_epoch + 1):
+            self.epoch(epoch)
+            if rule.state.stopped:
+                break
+            if rule.checks_memorization and check:
+                self.check_memorization(epoch, check, eval_cfg)
+            for cb in self.callbacks:
+                cb.on_epoch_end(ctx)
+            if rule.after_epoch(epoch, self.em):
+                break
+        for cb in self.callbacks:
+            cb.on_stage_end(ctx)
+
+    def result(self, seconds: float) -> StageResult:
+        ctx = self.ctx
+        return StageResult(
+            epochs=ctx.log[-1]["epoch"] if ctx.log else 0, steps=ctx.step,
+            stop_reason=ctx.rule.state.reason, final_loss=self.loss,
+            memorized_epoch=self.memorized_epoch,
+            padding_fraction=sum(self.pad_fracs) / max(len(self.pad_fracs), 1),
+            tokens=ctx.tokens, layout="packed" if self.pack else "padded", seconds=seconds,
+            log=ctx.log,
+        )
+
     def epoch(self, epoch: int) -> None:
         ctx = self.ctx
         ctx.epoch = epoch
@@ -343,14 +359,22 @@ class _Run:
 
     def step(self, batch: list[int]) -> tuple[float, float]:
         """One optimizer step on a global batch; returns its loss and token accuracy."""
-        ctx, acc = self.ctx, self.ctx.accelerator
-        world, rank = acc.num_processes, acc.process_index
+        ctx = self.ctx
         # Every process sees the same global batch and takes its share; the loss is normalised
         # by the global number of answer tokens, so any process count or accumulation setting
         # computes the same gradient.
         ctx.batch_items = [self.data.encoded[i] for i in batch]
         ctx.batch_ids = [e.id for e in ctx.batch_items]
         n_tokens = sum(e.n_targets for e in ctx.batch_items)
+        loss_total, hits_total = self.accumulate(batch, n_tokens)
+        self.optimizer_step(batch)
+        return self.global_stats(loss_total, hits_total, n_tokens)
+
+    def accumulate(self, batch: list[int], n_tokens: int) -> tuple[float, int]:
+        """Forward and backward over this process's share of `batch`, micro-batch by
+        micro-batch; returns the summed loss and argmax hits of its real passes."""
+        acc = self.ctx.accelerator
+        world, rank = acc.num_processes, acc.process_index
         shard = batch[rank::world]
         micro = split_micro(shard, self.cfg.grad_accum)
         real = len(micro)
@@ -362,22 +386,35 @@ class _Run:
             # per-step penalties are added once per process and step: by the real passes'
             # shares, or spread over the padding passes of a process that got no items
             share = len(mb) / len(shard) if weight else (1.0 / len(micro) if real == 0 else 0.0)
-            with dist.no_sync(acc, ctx.model, skip=j < len(micro) - 1 and world > 1):
-                items = [self.data.encoded[i] for i in mb]
-                ctx.micro = forward_targets(ctx.model, items, self.pad_id, acc.device, self.pack,
-                                            self.cfg.pack_width)
-                ctx.micro_weight = weight
-                loss_sum, _, hits = step_loss(ctx.micro)
-                # DDP and FSDP average gradients over processes: scale back up by `world`
-                loss = loss_sum * world / n_tokens if weight else loss_sum * 0.0
-                acc.backward(self.with_extra(loss, items, share))
+            loss_sum, hits = self.micro_pass(mb, weight, share, n_tokens,
+                                             skip_sync=j < len(micro) - 1 and world > 1)
             if weight:
                 loss_total += loss_sum.item()
                 hits_total += hits
-        ctx.micro, ctx.micro_weight = None, 1.0
+        self.ctx.micro, self.ctx.micro_weight = None, 1.0
         if not micro:  # more processes than items in this batch: join with the penalties only
-            zero = sum(p.sum() for p in ctx.model.parameters()) * 0.0
+            zero = sum(p.sum() for p in self.ctx.model.parameters()) * 0.0
             acc.backward(self.with_extra(zero, [], 1.0))
+        return loss_total, hits_total
+
+    def micro_pass(self, mb: list[int], weight: float, share: float, n_tokens: int,
+                   skip_sync: bool) -> tuple[torch.Tensor, int]:
+        """Forward and backward of one micro-batch; its summed loss and argmax hits."""
+        ctx, acc = self.ctx, self.ctx.accelerator
+        with dist.no_sync(acc, ctx.model, skip=skip_sync):
+            items = [self.data.encoded[i] for i in mb]
+            ctx.micro = forward_targets(ctx.model, items, self.pad_id, acc.device, self.pack,
+                                        self.cfg.pack_width)
+            ctx.micro_weight = weight
+            loss_sum, _, hits = step_loss(ctx.micro)
+            # DDP and FSDP average gradients over processes: scale back up by `world`
+            loss = loss_sum * acc.num_processes / n_tokens if weight else loss_sum * 0.0
+            acc.backward(self.with_extra(loss, items, share))
+        return loss_sum, hits
+
+    def optimizer_step(self, batch: list[int]) -> None:
+        """Clip (measuring the gradient norm), step optimizer and schedule, count the step."""
+        ctx, acc = self.ctx, self.ctx.accelerator
         # the total gradient norm, before clipping (clipping at infinity measures it without
         # clipping); FiniteGuard reads it: non-finite iff some gradient is (one pass over the
         # gradients instead of an isfinite per tensor, 0.17 s of a 0.8 s SmolLM2 step)
@@ -392,8 +429,13 @@ class _Run:
         ctx.position += 1
         ctx.tokens += sum(self.data.lengths[i] for i in batch)
         self.grad_norm = float(dist.full(ctx.grad_norm))
+
+    def global_stats(self, loss_total: float, hits_total: int, n_tokens: int
+                     ) -> tuple[float, float]:
+        """The step's loss and token accuracy over every process's passes."""
+        acc = self.ctx.accelerator
         stats = torch.tensor([loss_total, hits_total], dtype=torch.float64, device=acc.device)
-        stats = acc.reduce(stats, reduction="sum") if world > 1 else stats
+        stats = acc.reduce(stats, reduction="sum") if acc.num_processes > 1 else stats
         self.loss = stats[0].item() / n_tokens
         return self.loss, stats[1].item() / n_tokens
 

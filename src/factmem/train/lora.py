@@ -15,6 +15,8 @@ from typing import Any
 from torch import nn
 
 from factmem.config import FreezeConfig, LoraConfig, StageConfig
+from factmem.errors import ModelError
+from factmem.models import decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +55,6 @@ def merge_adapter(model):
     return merged
 
 
-def decoder_layers(model) -> nn.ModuleList:
-    """The decoder blocks: the first nn.ModuleList whose length is config.num_hidden_layers."""
-    n = getattr(model.config, "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
-
-
 def freeze(model, cfg: FreezeConfig) -> list[nn.Parameter]:
     """Set requires_grad False on the input embeddings (a tied output layer shares them) and on
     the listed decoder layers; returns the parameters it froze (to unfreeze after the stage)."""
@@ -70,7 +63,7 @@ def freeze(model, cfg: FreezeConfig) -> list[nn.Parameter]:
     if cfg.embeddings:
         modules.append(model.get_input_embeddings())
     if cfg.layers:
-        layers = decoder_layers(model)
+        _, layers = decoder_layers(model)
         for i in cfg.layers:
             if not -len(layers) <= i < len(layers):
                 raise ValueError(f"freeze.layers: index {i} out of range (the model has "
@@ -109,9 +102,7 @@ def begin_stage(model, stage: StageConfig, accelerator) -> tuple[Any, StageParts
     if stage.freeze is not None:
         try:
             parts.frozen = freeze(base, stage.freeze)
-        except ValueError as e:
-            from factmem.errors import ModelError
-
+        except (ValueError, ModelError) as e:  # an index out of range, no decoder layers found
             raise ModelError(f"stage {stage.name}: {e}") from None
     total = sum(p.numel() for p in base.parameters())
     train = sum(p.numel() for p in base.parameters() if p.requires_grad)

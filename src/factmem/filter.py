@@ -1,4 +1,5 @@
 """Set refinement that needs the model: `max_tokens` (drop long items) and yet-to-learn filtering.
+It lives outside `factmem.data` because it tokenises, loads a model and generates.
 
 Yet-to-learn (the paper): prompt the base model few-shot, greedy, and keep only the facts it
 gets wrong. The shots are items of the same source just after the selection (or just before it
@@ -21,9 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from factmem import io
+from factmem.config import to_dict
 from factmem.data.examples import Example
 from factmem.data.registry import build_source
 from factmem.errors import DataError
+from factmem.evaluate import generate_answers
+from factmem.models import Formatter, load_model, load_tokenizer
+from factmem.scoring import is_match
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +90,6 @@ def cache_key(model: dict[str, Any], data: dict[str, Any], settings: dict[str, A
 def judge(model, fmt, examples: list[Example], shots: list[Example], match: str,
           batch_size: int, max_new_tokens: int) -> list[dict[str, Any]]:
     """Greedy few-shot answers and verdicts, one dict per example."""
-    from factmem.evaluate import generate_answers, is_match
-
     was_training = model.training
     model.eval()
     try:
@@ -104,8 +107,6 @@ def filter_unknown(
     cache_dir: str | Path | None = None, model=None, tokenizer=None,
 ) -> FilterResult:
     """Verdicts for `examples` (cached); load the model only on a cache miss."""
-    from factmem.config import to_dict
-
     settings = {"shots": [e.id for e in shots], "match": match, "max_new_tokens": max_new_tokens,
                 "ids": [e.id for e in examples]}
     key = cache_key(to_dict(model_cfg), data_desc, settings)
@@ -116,8 +117,6 @@ def filter_unknown(
                  len(saved["known"]), len(saved["unknown"]))
         return FilterResult(saved["known"], saved["unknown"], saved["seconds"], str(path), True,
                             saved["predictions"])
-    from factmem.models import Formatter, load_model, load_tokenizer
-
     t0 = time.perf_counter()
     tokenizer = tokenizer or load_tokenizer(model_cfg)
     model = model or load_model(model_cfg)
@@ -138,9 +137,6 @@ def filter_unknown(
 def refine_set(name: str, cfg, examples: list[Example], model_cfg, tokenizer_fn,
                reports: dict[str, Any]) -> list[Example]:
     """Apply a set config's `max_tokens`, `filter` and `keep` (experiment.SetCache calls this)."""
-    from factmem.config import to_dict
-    from factmem.models import Formatter
-
     report: dict[str, Any] = {"built": len(examples)}
     if cfg.max_tokens is not None:
         fmt = Formatter.for_model(tokenizer_fn(), model_cfg, max_length=10**9)

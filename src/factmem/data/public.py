@@ -1,4 +1,4 @@
-"""The paper's data sets by name, from the Hugging Face hub or from local files.
+"""The paper's public data sets by name, read from the Hugging Face hub or from a local copy.
 
 Every loader reads rows from either `datasets.load_dataset(hub, config, split=split)` or a local
 `path` (jsonl, json, csv/tsv, parquet, a `save_to_disk` folder), then ONE shared function,
@@ -27,6 +27,7 @@ from factmem.data.generic import GENERIC_PROMPT
 from factmem.data.local import Record, _check_records, read_records
 from factmem.data.registry import register_source, select
 from factmem.errors import DataError
+from factmem.scoring import MatchKind
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +438,8 @@ def webquestions_row(row: dict[str, Any], p: WebQuestionsParams) -> Item:
         question, answers = row["utterance"], sempre_answers(str(need(row, "targetValue")))
     else:
         question, answers = need(row, "question"), need(row, "answers")
-    item = qa_item(question, text_list(answers, "answers"), p.prompt_template, match="contains")
+    item = qa_item(question, text_list(answers, "answers"), p.prompt_template,
+                   match=MatchKind.CONTAINS)
     return item
 
 
@@ -462,7 +464,7 @@ def gsm8k_row(row: dict[str, Any], p: GSM8KParams) -> Item:
     if "####" not in answer:
         raise RowError("field 'answer' has no final '#### n' line")
     return Item((("user", str(need(row, "question"))), ("assistant", answer)), (answer,),
-                {"match": "number"})
+                {"match": MatchKind.NUMBER})
 
 
 gsm8k = _simple("gsm8k", GSM8KParams, "task", gsm8k_row,
@@ -480,7 +482,7 @@ class MATHParams(HubParams):
 def math_row(row: dict[str, Any], p: MATHParams) -> Item:
     solution = str(need(row, "solution"))
     return Item((("user", str(need(row, "problem"))), ("assistant", solution)), (solution,),
-                {"match": "boxed", "level": row.get("level"), "type": row.get("type")})
+                {"match": MatchKind.BOXED, "level": row.get("level"), "type": row.get("type")})
 
 
 math = _simple("math", MATHParams, "task", math_row,
