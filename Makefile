@@ -32,5 +32,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

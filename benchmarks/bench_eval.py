@@ -69,8 +69,8 @@ def run(model_name: str, n: int, batch_size: int, max_new_tokens: int) -> dict:
 
 def report(r: dict, model_name: str) -> str:
     rows = [
-        ["generate (reference)", r["n"], f"{r['generate_s']:.1f}", f"{r['n'] / r['generate_s']:.1f}",
-         r["known"]],
+        ["generate (reference)", r["n"], f"{r['generate_s']:.1f}",
+         f"{r['n'] / r['generate_s']:.1f}", r["known"]],
         ["fast (teacher-forced)", r["n"], f"{r['fast_s']:.1f}", f"{r['n'] / r['fast_s']:.1f}",
          r["fast_correct"]],
     ]
@@ -83,7 +83,8 @@ def report(r: dict, model_name: str) -> str:
         f"teacher-forced argmax on {r['first_token_agree']}/{r['n']}. Target (>= 10x, same "
         f"verdicts): {target}. Batch size {r['batch_size']}, generate max_new_tokens "
         f"{r['max_new_tokens']} (stops at end-of-turn)."
-        + (f" Disagreeing ids: {', '.join(r['disagreements'][:10])}." if r["disagreements"] else ""),
+        + (f" Disagreeing ids: {', '.join(r['disagreements'][:10])}."
+           if r["disagreements"] else ""),
     ])
 
 

@@ -23,7 +23,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    RESULTS, Timer, machine, machine_markdown, peak_rss_mib, table, write_section,
+    RESULTS,
+    Timer,
+    machine,
+    machine_markdown,
+    peak_rss_mib,
+    table,
+    write_section,
 )
 
 LR = 1e-4
@@ -96,7 +102,8 @@ def worker_trainer(model_name: str, steps: int, batch_size: int) -> dict:
     return {"tokens": seen["real"], "seconds": t.seconds, "steps": out_metrics.global_step,
             "padding_fraction": 1 - seen["real"] / seen["padded"],
             "final_loss": out_metrics.training_loss, "peak_rss_mib": peak_rss_mib(),
-            "rss_after_load_mib": rss_loaded, "optimizer": getattr(args.optim, "value", str(args.optim))}
+            "rss_after_load_mib": rss_loaded,
+            "optimizer": getattr(args.optim, "value", str(args.optim))}
 
 
 WORKERS = {"factmem": worker_factmem, "trainer": worker_trainer}
@@ -118,8 +125,8 @@ def report(res: dict[str, dict], model_name: str, steps: int, batch_size: int) -
         r = res[name]
         rows.append([label, r["steps"], r["tokens"], f"{r['seconds']:.1f}",
                      f"{r['tokens'] / r['seconds']:.0f}", f"{r['padding_fraction']:.1%}",
-                     f"{r['peak_rss_mib']:.0f}", f"{r['peak_rss_mib'] - r['rss_after_load_mib']:.0f}",
-                     r["optimizer"]])
+                     f"{r['peak_rss_mib']:.0f}",
+                     f"{r['peak_rss_mib'] - r['rss_after_load_mib']:.0f}", r["optimizer"]])
     ratio = (res["factmem"]["tokens"] / res["factmem"]["seconds"]) / (
         res["trainer"]["tokens"] / res["trainer"]["seconds"])
     target = "met" if ratio >= 1.2 else "NOT met"

@@ -9,9 +9,9 @@ import struct
 import zlib
 
 import pytest
+from test_cli import tiny_config
 
 from factmem.cli import main
-from test_cli import tiny_config
 
 pytestmark = pytest.mark.slow  # a tiny 2-variant run + every instrument: ~80 s on a busy 2-core box
 
@@ -38,12 +38,14 @@ def test_analyze_writes_tidy_tables(analyzed):
     a = analyzed / "analysis"
     variants = {"naive", "remix"}
     ret = rows(a / "retention.jsonl")
-    assert {r["variant"] for r in ret} == variants and {r["stage"] for r in ret} == {"stage1", "stage2"}
+    assert {r["variant"] for r in ret} == variants
+    assert {r["stage"] for r in ret} == {"stage1", "stage2"}
     assert {"seed", "step", "set", "id", "correct", "token_acc", "logprob"} <= set(ret[0])
     graded = rows(a / "graded.jsonl")
     assert len(graded) == 2 * 3 * 2 * 6  # variants x (base + 2 stages) x sets x facts
     layers = rows(a / "lens_layers.jsonl")
-    assert len(layers) == 2 * 2 * 2 * 6 * 3  # variants x checkpoints x sets x facts x (2 layers + 1)
+    # variants x checkpoints x sets x facts x (2 layers + 1)
+    assert len(layers) == 2 * 2 * 2 * 6 * 3
     facts = rows(a / "lens_facts.jsonl")
     assert {(r["variant"], r["stage"], r["set"]) for r in facts} == {
         (v, st, s) for v in variants for st in ("stage1", "stage2") for s in ("kvr_a", "kvr_b")}
@@ -79,7 +81,8 @@ def test_report_images_are_valid_pngs_referenced_by_the_html(analyzed, capsys):
     names = {p.name for p in pngs}
     assert names == {"accuracy.png", "retention.png", "graded.png", "lens.png",
                      "first_layer.png", "reversion.png", "probes.png"}
-    embedded = [base64.b64decode(b) for b in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)]
+    embedded = [base64.b64decode(b)
+                for b in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)]
     assert len(embedded) == len(pngs)
     assert sorted(embedded) == sorted(p.read_bytes() for p in pngs)
     assert all(png_ok(b) for b in embedded)

@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 import yaml
+from test_cli import tiny_config
 
 import factmem
 from factmem.errors import FactmemError
-from test_cli import tiny_config
 
 
 def test_run_returns_the_tables_of_the_run_directory(tiny_model_dir, tmp_path):

@@ -36,28 +36,30 @@ def raw(**extra):
 
 
 def test_every_option_parses_and_round_trips_through_the_config():
-    cfg = experiment_from_dict(raw()).base
+    cfg = experiment_from_dict(raw()).first_variant
     s2 = cfg.stages[1]
     assert [r.kind for r in s2.regularizers] == ["ewc", "l2", "kl"]
     assert s2.regularizers[2].temperature == 3.0 and s2.regularizers[2].on == "mix"
     assert s2.lora.rank == 2 and s2.lora.target_modules == ["q_proj"] and s2.lora.dropout == 0.1
     assert s2.freeze.embeddings and s2.freeze.layers == [0]
     assert cfg.stages[0].regularizers == [] and cfg.stages[0].lora is None
-    again = experiment_from_dict({**to_dict(cfg), "variants": {}}).base
+    again = experiment_from_dict({**to_dict(cfg), "variants": {}}).first_variant
     assert to_dict(again) == {**to_dict(cfg), "variants": {}}
 
 
 def test_joint_stage_config_tracks_every_set_and_round_trips():
-    cfg = experiment_from_dict(raw(stages=[{"name": "j", "set": "b", "joint": ["a"]}])).base
+    cfg = experiment_from_dict(
+        raw(stages=[{"name": "j", "set": "b", "joint": ["a"]}])).first_variant
     assert cfg.stages[0].joint == ["a"] and cfg.track == ["b", "a"]
-    again = experiment_from_dict({**to_dict(cfg), "variants": {}}).base
+    again = experiment_from_dict({**to_dict(cfg), "variants": {}}).first_variant
     assert to_dict(again) == {**to_dict(cfg), "variants": {}}
 
 
 @pytest.mark.parametrize("stages, message", [
     ([{"name": "s1", "set": "a", "regularizers": [{"kind": "ewc"}]}],
      r"stages.0.regularizers.0: ewc needs an earlier stage"),
-    ([{"name": "s1", "set": "a"}, {"name": "s2", "set": "b", "regularizers": [{"kind": "kl", "on": "mix"}]}],
+    ([{"name": "s1", "set": "a"},
+      {"name": "s2", "set": "b", "regularizers": [{"kind": "kl", "on": "mix"}]}],
      r"stages.1.regularizers.0.on: `mix` needs mix components"),
     ([{"name": "s1", "set": "a", "regularizers": [{"kind": "fisher"}]}],
      r"stages.0.regularizers.0.kind: 'fisher' is not one of"),
@@ -66,8 +68,10 @@ def test_joint_stage_config_tracks_every_set_and_round_trips():
     ([{"name": "s1", "set": "a", "regularizers": [{"kind": "kl", "temperature": 0}]}],
      r"stages.0.regularizers.0.temperature: must be > 0"),
     ([{"name": "s1", "set": "a", "lora": {"rank": 0}}], r"stages.0.lora.rank: must be >= 1"),
-    ([{"name": "s1", "set": "a", "lora": {"rnak": 4}}], r"stages.0.lora.rnak: unknown key; did you mean 'rank'"),
-    ([{"name": "s1", "set": "a", "freeze": {"layers": "all"}}], r"stages.0.freeze.layers: expected a list"),
+    ([{"name": "s1", "set": "a", "lora": {"rnak": 4}}],
+     r"stages.0.lora.rnak: unknown key; did you mean 'rank'"),
+    ([{"name": "s1", "set": "a", "freeze": {"layers": "all"}}],
+     r"stages.0.freeze.layers: expected a list"),
     ([{"name": "s1", "set": "a", "joint": ["c"]}], r"stages.0.joint.0: no set named 'c'"),
     ([{"name": "s1", "set": "a", "lora": {"rank": 4, "merge": False}},
       {"name": "s2", "set": "b", "lora": {"rank": 8}}],
@@ -80,7 +84,8 @@ def test_bad_baseline_options_give_one_line_naming_the_key(stages, message):
 
 
 def test_joint_training_sees_every_item(tiny_model_dir):
-    cfg = experiment_from_dict(raw(stages=[{"name": "j", "set": "b", "joint": ["a"]}])).base
+    cfg = experiment_from_dict(
+        raw(stages=[{"name": "j", "set": "b", "joint": ["a"]}])).first_variant
     sets = SetCache().sets(cfg)
     mixture = build_mixture(cfg, 0, sets, run_seed=0)
     assert [c.role for c in mixture.components] == ["main", "joint"]
@@ -108,22 +113,25 @@ def test_joint_training_sees_every_item(tiny_model_dir):
 def test_options_round_trip_through_the_run_directory(tiny_model_dir, tmp_path):
     cfg = raw(model={"name": str(tiny_model_dir)},
               train={"lr": 1e-3, "batch_size": 4, "stop": {"rule": "epochs", "epochs": 1}},
-              variants={"all": {}, "joint": {"stages": [{"name": "s2", "set": "b", "joint": ["a"]}]}},
+              variants={"all": {},
+                        "joint": {"stages": [{"name": "s2", "set": "b", "joint": ["a"]}]}},
               output={"dir": str(tmp_path)})
     exp = experiment_from_dict(cfg)
     run_experiment(exp, progress=False)
     root = tmp_path / "t"
     resolved = json.loads((root / "resolved.json").read_text())
     for name, variant in exp.variants.items():
-        again = experiment_from_dict({**resolved[name], "variants": {}}).base
+        again = experiment_from_dict({**resolved[name], "variants": {}}).first_variant
         assert to_dict(again) == {**to_dict(variant), "variants": {}}
     stage2 = root / "all" / "seed0" / "02-s2"
     metrics = json.loads((stage2 / "metrics.json").read_text())
     regs = metrics["regularizers"]
     assert [r["kind"] for r in regs] == ["ewc", "l2", "kl"]
     assert all(r["extra_bytes"] > 0 for r in regs)
-    assert regs[0]["fisher_file"] == "fisher.safetensors" and (stage2 / "fisher.safetensors").is_file()
-    assert 0 < metrics["parameters"]["trainable_parameters"] < metrics["parameters"]["total_parameters"]
+    assert regs[0]["fisher_file"] == "fisher.safetensors"
+    assert (stage2 / "fisher.safetensors").is_file()
+    params = metrics["parameters"]
+    assert 0 < params["trainable_parameters"] < params["total_parameters"]
     row = json.loads((stage2 / "train_log.jsonl").read_text().splitlines()[0])
     assert {"ewc_penalty", "l2_penalty", "kl"} <= set(row)
     # joint: one stage on both sets; both count as trained by it

@@ -80,7 +80,8 @@ def test_same_config_and_seed_give_identical_metrics(tiny_model_dir, tmp_path):
     ("train.lr=fast", "train.lr: expected a number"),
     ("stages.stage2.mix=[{source: generic, ratio: -2}]", "ratio: must be >= 0"),
     ("sets.kvr_a.n=0", "sets.kvr_a.n: must be >= 1"),
-    ("sets.kvr_a={source: jsonl, path: /nonexistent/qa.jsonl}", "/nonexistent/qa.jsonl: no such file"),
+    ("sets.kvr_a={source: jsonl, path: /nonexistent/qa.jsonl}",
+     "/nonexistent/qa.jsonl: no such file"),
     ("model.name=/nonexistent/model", "model '/nonexistent/model' not found"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tiny_model_dir, tmp_path, override, message):
@@ -115,7 +116,8 @@ def test_reused_stage_gives_the_same_results_as_training_it_again(tiny_model_dir
     cfg = tiny_config(tiny_model_dir, tmp_path)
     assert main(["run", str(cfg), "--no-progress", "--output", str(tmp_path / "both")]) == 0
     alone = ["--set", "variants={replay: {stages.stage2.replay: [{stage: stage1, ratio: 0.5}]}}"]
-    assert main(["run", str(cfg), "--no-progress", "--output", str(tmp_path / "alone"), *alone]) == 0
+    assert main(["run", str(cfg), "--no-progress", "--output", str(tmp_path / "alone"),
+                 *alone]) == 0
     both = tmp_path / "both" / "tiny" / "replay" / "seed0"
     single = tmp_path / "alone" / "tiny" / "replay" / "seed0"
     assert (both / "01-stage1" / "reused_from.json").is_file()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from factmem import io
+from factmem import files
 from factmem.compare import bootstrap, comparison, to_markdown
 from factmem.config import experiment_from_dict
 from factmem.rundir import RunPaths, stage_path
@@ -41,7 +41,7 @@ def write_predictions(root: Path, exp, variant: str, seed: int, stage: int, name
     out = RunPaths(root).seed_dir(variant, seed)
     rows = [{"id": f"kvr:{i}", "correct": c, "token_acc": 0.9 if c else 0.4,
              "logprob": -0.1 if c else -2.0, "rouge_l": None} for i, c in enumerate(correct)]
-    io.write_jsonl(stage_path(out, cfg, stage) / "predictions" / f"{name}.jsonl", rows)
+    files.write_jsonl(stage_path(out, cfg, stage) / "predictions" / f"{name}.jsonl", rows)
 
 
 def test_comparison_pairs_facts_and_refuses_unmemorized_runs(tmp_path):

@@ -292,7 +292,7 @@ def test_lora_stages_are_refused_under_fsdp(monkeypatch):
     cfg = experiment_from_dict({"name": "t", "sets": {"a": {"source": "kvr", "n": 2}},
                                 "stages": [{"name": "s1", "set": "a", "lora": {"rank": 2}}]})
     with pytest.raises(FactmemError, match="stages.s1.lora: LoRA stages are not supported"):
-        check_fsdp_run(cfg.base.stages)
+        check_fsdp_run(cfg.first_variant.stages)
 
 
 def test_padding_passes_give_every_rank_the_busiest_ranks_count():

@@ -44,21 +44,22 @@ def test_filter_without_room_for_shots_is_a_one_line_error(tiny_model_dir, tmp_p
 
 def test_set_cache_applies_max_tokens_and_filter(tiny_model_dir, tmp_path, monkeypatch):
     from factmem import filter as filt
+    from factmem.config import ModelConfig
     from factmem.data import build_source
     from factmem.data.entities import EntitiesParams
     from factmem.models import Formatter, load_tokenizer
-    from factmem.config import ModelConfig
 
     monkeypatch.setattr(filt, "DEFAULT_CACHE", tmp_path / "cache")
     fmt = Formatter(load_tokenizer(ModelConfig(name=str(tiny_model_dir))))
-    lengths = sorted(len(fmt.encode(e)) for e in build_source("entities", EntitiesParams(), 10, 0, 0))
+    lengths = sorted(len(fmt.encode(e))
+                     for e in build_source("entities", EntitiesParams(), 10, 0, 0))
     limit = lengths[5]
     raw = {"model": {"name": str(tiny_model_dir)},
            "sets": {"a": {"source": "entities", "n": 10, "max_tokens": limit,
                           "filter": "unknown_to_model", "filter_shots": 2}},
            "stages": [{"name": "s1", "set": "a"}]}
     cache = SetCache()
-    got = cache.sets(experiment_from_dict(raw).base)["a"]
+    got = cache.sets(experiment_from_dict(raw).first_variant)["a"]
     report = cache.reports["a"]
     dropped = sum(n > limit for n in lengths)
     assert dropped > 0 and report["max_tokens"]["dropped"] == dropped
@@ -94,10 +95,10 @@ def test_keep_takes_the_first_items_left_after_filtering(tiny_model_dir, tmp_pat
            "stages": [{"name": "s1", "set": "a"}]}
     cache = SetCache()
     full = SetCache().sets(experiment_from_dict({**raw, "sets": {"a": {
-        **raw["sets"]["a"], "keep": None}}}).base)["a"]
-    got = cache.sets(experiment_from_dict(raw).base)["a"]
+        **raw["sets"]["a"], "keep": None}}}).first_variant)["a"]
+    got = cache.sets(experiment_from_dict(raw).first_variant)["a"]
     assert [e.id for e in got] == [e.id for e in full[:4]] and cache.reports["a"]["kept"] == 4
     raw["sets"]["a"]["keep"] = len(full) + 1
     with pytest.raises(DataError, match=f"sets.a: keep: {len(full) + 1} items asked for, "
                                         f"{len(full)} left after filtering"):
-        SetCache().sets(experiment_from_dict(raw).base)
+        SetCache().sets(experiment_from_dict(raw).first_variant)

@@ -3,13 +3,12 @@ assistant tokens (end-of-turn included), padding never labelled."""
 
 import pytest
 import torch
+from conftest import make_char_tokenizer
 
 from factmem.batch import pad_batch
 from factmem.data import Example
 from factmem.errors import DataError
 from factmem.models import Formatter
-
-from conftest import make_char_tokenizer
 
 
 def decode_labelled(tok, enc):

@@ -16,7 +16,7 @@ def make(stage2: dict, n: int = 10):
         "stages": [{"name": "s1", "set": "a", "mix": [{"source": "random-words", "ratio": 2}]},
                    {"name": "s2", "set": "b", **stage2}],
     }
-    cfg = experiment_from_dict(raw).base
+    cfg = experiment_from_dict(raw).first_variant
     return cfg, SetCache().sets(cfg)
 
 
@@ -25,7 +25,8 @@ def test_ratio_sizes_components_and_manifest_lists_ids():
                       "replay": [{"stage": "s1", "ratio": 0.3}]})
     m1 = build_mixture(cfg, 0, sets, run_seed=0)
     assert Counter(c.role for c in m1.components) == {"main": 1, "mix": 1}
-    assert len(m1.components[1].examples) == 20 and all(e.kind == "mix" for e in m1.components[1].examples)
+    assert len(m1.components[1].examples) == 20
+    assert all(e.kind == "mix" for e in m1.components[1].examples)
     m2 = build_mixture(cfg, 1, sets, run_seed=0)
     sizes = {c.role: len(c.examples) for c in m2.components}
     assert sizes == {"main": 10, "mix": 5, "replay": 3}
@@ -42,7 +43,8 @@ def test_count_and_seeding():
     assert len(a.components[1].examples) == 4
     assert a.manifest() == build_mixture(cfg, 1, sets, run_seed=0).manifest()
     b = build_mixture(cfg, 1, sets, run_seed=1)
-    assert [e.target for e in a.components[1].examples] != [e.target for e in b.components[1].examples]
+    assert ([e.target for e in a.components[1].examples]
+            != [e.target for e in b.components[1].examples])
     # stage 1 and stage 2 never draw the same random words
     s1 = {e.target for e in build_mixture(cfg, 0, sets, 0).components[1].examples}
     assert not s1 & {e.target for e in a.components[1].examples}
@@ -62,7 +64,7 @@ def two_stage(mix1: dict, mix2: dict, n: int = 32, seeds=(0,)):
         "stages": [{"name": "s1", "set": "a", "mix": [mix1]},
                    {"name": "s2", "set": "b", "mix": [mix2]}],
     }
-    cfg = experiment_from_dict(raw).base
+    cfg = experiment_from_dict(raw).first_variant
     return cfg, SetCache().sets(cfg)
 
 

@@ -144,7 +144,8 @@ def test_main_process_decides_stops_the_other_processes_too(monkeypatch):
     # an unexpected failure on the main process is re-raised there as it is
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objs: objs)
     with pytest.raises(OSError):
-        main_process_decides(FakeAccelerator(main=True), lambda: open("/nonexistent/x", "w"))
+        main_process_decides(FakeAccelerator(main=True),
+                             lambda: open("/nonexistent/x", "w"))  # noqa: SIM115 (never opens)
     # and nothing is raised when the main process succeeds
     main_process_decides(FakeAccelerator(main=True), lambda: None)
 

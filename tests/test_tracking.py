@@ -5,9 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
+from test_cli import tiny_config
 
 from factmem.cli import main
-from test_cli import tiny_config
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -131,7 +131,6 @@ def test_only_the_main_process_logs(tiny_model_dir, tmp_path):
     """Two processes (`accelerate launch`, gloo): one event file per run, every step once."""
     pytest.importorskip("tensorboard")
     import yaml
-
     from test_multiprocess import launch, mp_config
 
     cfg = mp_config(tiny_model_dir, tmp_path, epochs=2)

@@ -194,7 +194,8 @@ def packing_supported(model, vocab_size: int | None = None) -> bool:
     was_training = model.training
     model.eval()  # no dropout
     try:
-        alone = [model(input_ids=torch.tensor([x], device=device)).logits[0].float() for x in (a, b)]
+        alone = [model(input_ids=torch.tensor([x], device=device)).logits[0].float()
+                 for x in (a, b)]
         pb = packed(items, width=len(a) + len(b)).to(device)
         together = model(input_ids=pb.input_ids, position_ids=pb.position_ids).logits[0].float()
     except (TypeError, ValueError, RuntimeError) as e:

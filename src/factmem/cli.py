@@ -26,8 +26,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if not is_main_process():  # under `accelerate launch`: every process checks, one prints
             return 0
         print(f"{args.config}: valid (every check of the real run passed; model "
-              f"{exp.base.model.name}: tokenizer loaded, weights not); variants: "
-              f"{', '.join(exp.variants)}; seeds: {exp.base.seeds}")
+              f"{exp.first_variant.model.name}: tokenizer loaded, weights not); variants: "
+              f"{', '.join(exp.variants)}; seeds: {exp.first_variant.seeds}")
         print(format_plan(plan))
         print(where)
         return 0
@@ -70,18 +70,18 @@ def _set_from_args(args: argparse.Namespace):
 
 
 def _cmd_data_build(args: argparse.Namespace) -> int:
-    from factmem import io
+    from factmem import files
     from factmem.sets import build_set
 
     examples = build_set(_set_from_args(args))
-    io.write_jsonl(args.out, (e.to_json() for e in examples))
+    files.write_jsonl(args.out, (e.to_json() for e in examples))
     print(f"wrote {len(examples)} examples to {args.out}")
     return 0
 
 
 def _cmd_data_filter(args: argparse.Namespace) -> int:
     """Yet-to-learn filtering: keep the facts the base model gets wrong few-shot."""
-    from factmem import io
+    from factmem import files
     from factmem.config import ModelConfig, to_dict
     from factmem.filter import filter_unknown, shot_examples
     from factmem.sets import build_set
@@ -100,13 +100,13 @@ def _cmd_data_filter(args: argparse.Namespace) -> int:
           f"{', cached' if res.cached else ''}); verdicts: {res.cache_path}")
     if args.out:
         keep = set(res.unknown)
-        io.write_jsonl(args.out, (e.to_json() for e in examples if e.id in keep))
+        files.write_jsonl(args.out, (e.to_json() for e in examples if e.id in keep))
         print(f"wrote {len(keep)} yet-to-learn examples to {args.out}")
     return 0
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from factmem.analysis.run import analyze, parse_what
+    from factmem.analysis.analyze import analyze, parse_what
 
     if args.no_progress:
         quiet_library_bars()
@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="parent directory of the run (default: output.dir)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     run.add_argument("--restart", dest="overwrite", action="store_true",
-                     help="same as --overwrite: discard an existing (interrupted) run and start over; "
-                     "without it, the same command on an existing run directory continues it")
+                     help="same as --overwrite: discard an existing (interrupted) run and start "
+                     "over; without it, the same command on an existing run directory continues it")
     run.add_argument("--dry-run", action="store_true",
                      help="run every check of the real run (sets, mixtures of every seed, "
                      "tokenizer; no weights) and print the plan: items, tokens and steps per "
@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.set_defaults(fn=_cmd_analyze)
 
     rep = sub.add_parser("report", help="report.md and a self-contained report.html with figures")
-    rep.add_argument("run_dir", help="a run directory (run `factmem analyze` first for all figures)")
+    rep.add_argument("run_dir",
+                     help="a run directory (run `factmem analyze` first for all figures)")
     rep.set_defaults(fn=_cmd_report)
     return p
 
@@ -204,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     for noisy in ("transformers", "accelerate", "datasets", "urllib3", "filelock", "httpx",
                   "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

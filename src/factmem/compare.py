@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from factmem import io
+from factmem import files
 from factmem.results import mean_std
 from factmem.rundir import COMPARISON_FILE, COMPARISON_MD, RunPaths, predictions_file, stage_path
 
@@ -59,7 +59,7 @@ def _predictions(stage_dir: Path, name: str) -> dict[str, dict[str, Any]] | None
     path = predictions_file(stage_dir, name)
     if not path.is_file():
         return None
-    return {r["id"]: r for r in io.read_jsonl(path)}
+    return {r["id"]: r for r in files.read_jsonl(path)}
 
 
 def comparison(root: Path, exp) -> dict[str, Any] | None:
@@ -115,7 +115,7 @@ def _failed_stages(cfg, seed_dir: Path) -> list[str]:
             preds = predictions_file(stage_dir, name)
             if not preds.is_file():
                 continue
-            rows = io.read_jsonl(preds)
+            rows = files.read_jsonl(preds)
             if any(r.get("rouge_l") is not None for r in rows):
                 continue  # a task set: learned, not memorized
             acc = statistics.fmean(bool(r["correct"]) for r in rows)
@@ -165,11 +165,11 @@ def to_markdown(comp: dict[str, Any]) -> str:
 
 
 def write_comparison(root: Path, comp: dict[str, Any]) -> None:
-    io.write_json(root / COMPARISON_FILE, comp)
-    io.write_text(root / COMPARISON_MD, "# Variants against their baseline\n\n"
+    files.write_json(root / COMPARISON_FILE, comp)
+    files.write_text(root / COMPARISON_MD, "# Variants against their baseline\n\n"
                   + to_markdown(comp))
 
 
 def load_comparison(root: Path) -> dict[str, Any] | None:
     path = root / COMPARISON_FILE
-    return io.read_json(path) if path.is_file() else None
+    return files.read_json(path) if path.is_file() else None

@@ -40,7 +40,6 @@ from factmem.errors import FactmemError
 log = logging.getLogger(__name__)
 
 MAX_SHARD_BYTES = 5 * 2**30  # per gathered safetensors file, as save_pretrained's default
-RANK_FILE = "rank-{rank:05d}.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,18 +377,6 @@ def load_optimizer_state(model, optimizer, path: Path, rest: dict[str, Any]) -> 
     set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups})
 
 
-def write_rank_file(dir: Path, data: dict[str, Any]) -> None:
-    from factmem import io
-
-    io.write_json(dir / RANK_FILE.format(rank=rank()), data)
-
-
-def read_rank_file(dir: Path) -> dict[str, Any]:
-    from factmem import io
-
-    return io.read_json(dir / RANK_FILE.format(rank=rank()))
-
-
 # --------------------------------------------------------------------------------------------
 # Gathered weights: a Hugging Face directory written by rank 0, one tensor gathered at a time
 
@@ -435,9 +422,9 @@ def save_gathered(tensors: dict[str, torch.Tensor], dir: Path, stem: str = "mode
             os.replace(tmp, dir / fname)
         del buf
     if main and len(plan) > 1:
-        from factmem import io
+        from factmem import files
 
-        io.write_json(dir / f"{stem}.safetensors.index.json",
+        files.write_json(dir / f"{stem}.safetensors.index.json",
                       {"metadata": {"total_size": sum(sizes.values())},
                        "weight_map": {k: f for f, keys in zip(names, plan) for k in keys}})
     return names

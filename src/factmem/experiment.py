@@ -24,8 +24,7 @@ import torch
 import yaml
 
 from factmem import distributed as dist
-from factmem import io, rundir
-from factmem.train.retention import retention_callbacks
+from factmem import files, rundir
 from factmem.compare import comparison, write_comparison
 from factmem.config import EvalConfig, Experiment, ExperimentConfig, StageConfig, to_dict
 from factmem.data import Example
@@ -85,7 +84,7 @@ def prepare(exp: Experiment) -> Prepared:
     tokenizers: dict[tuple[str, bool], Any] = {}
     contexts: dict[tuple[str, bool], int | None] = {}
     counters: dict[tuple[Any, ...], TokenCounter] = {}
-    plan = RunPlan(exp.name, exp.base.model.name)
+    plan = RunPlan(exp.name, exp.first_variant.model.name)
     first_use: dict[str, str] = {}  # stage key -> the variant/seed that trains it first
     for vname, cfg in exp.variants.items():
         sets = cache.sets(cfg)
@@ -132,7 +131,7 @@ def dry_run(exp: Experiment, output_dir: str | None = None, overwrite: bool = Fa
     `prepare`, and the run directory read but not locked or written), and the plan. Returns the
     plan and a line on what the run would do with its directory."""
     plan = prepare(exp).plan
-    root = rundir.run_root(output_dir or exp.base.output.dir, exp.name)
+    root = rundir.run_root(output_dir or exp.first_variant.output.dir, exp.name)
     if not root.exists() or not any(root.iterdir()):
         return plan, f"would write a new run directory {root}"
     if overwrite:
@@ -161,7 +160,7 @@ def run_experiment(
     progress: bool = True,
 ) -> dict[str, Any]:
     prepared = prepare(exp)
-    root = rundir.run_root(output_dir or exp.base.output.dir, exp.name)
+    root = rundir.run_root(output_dir or exp.first_variant.output.dir, exp.name)
     dist.check_fsdp_run([st for cfg in exp.variants.values() for st in cfg.stages])
     accelerator = dist.make_accelerator()
     lock = rundir.RunLock(root)  # one writer per run directory
@@ -206,10 +205,10 @@ def open_run_dir(exp: Experiment, root: Path, cache: SetCache, lock: rundir.RunL
             rundir.check_resumable(root, exp.raw, resolved_config(exp))
             log.info("continuing the run in %s (finished stages are kept)", root)
     root.mkdir(parents=True, exist_ok=True)
-    io.write_text(root / rundir.CONFIG_FILE, yaml.safe_dump(exp.raw, sort_keys=False))
-    io.write_json(root / rundir.RESOLVED_FILE, resolved)
+    files.write_text(root / rundir.CONFIG_FILE, yaml.safe_dump(exp.raw, sort_keys=False))
+    files.write_json(root / rundir.RESOLVED_FILE, resolved)
     if cache.reports:  # items dropped by max_tokens / yet-to-learn filtering, per set
-        io.write_json(root / rundir.DATA_REPORT_FILE, cache.reports)
+        files.write_json(root / rundir.DATA_REPORT_FILE, cache.reports)
 
 
 def run_all(exp: Experiment, root: Path, prepared: Prepared, accelerator,
@@ -235,7 +234,7 @@ def run_all(exp: Experiment, root: Path, prepared: Prepared, accelerator,
     summary = summary_table(exp, results)
     if accelerator.is_main_process:
         write_summary(root, summary)
-        io.write_json(root / rundir.TIMING_FILE, timings)
+        files.write_json(root / rundir.TIMING_FILE, timings)
         comp = comparison(root, exp)
         if comp is not None:
             write_comparison(root, comp)
@@ -304,7 +303,7 @@ def run_variant_seed(
         log.info("%s seed%d: finished in an earlier run, skipped", variant, seed)
         if reuse:
             reuse.finished(stage_keys(cfg, seed))
-        return io.read_json(rundir.accuracy_file(out))
+        return files.read_json(rundir.accuracy_file(out))
     # out = RUN_DIR/VARIANT/seedS; trackers log on the main process only
     tracker = RunTracker(cfg.output.report_to, out.parents[1], cfg.name,
                          rundir.safe_name(variant), seed, to_dict(cfg),
@@ -396,7 +395,7 @@ def evaluate_base(run: SeedRun) -> None:
     evaluate_tracked(run, rundir.BASE_STAGE, base)
     run.tracker.log_eval(run.matrix[rundir.BASE_STAGE], 0)
     if run.main:
-        io.write_json(rundir.metrics_file(base), {"eval": run.matrix[rundir.BASE_STAGE],
+        files.write_json(rundir.metrics_file(base), {"eval": run.matrix[rundir.BASE_STAGE],
                                                   "model": describe(run.plain_model())})
 
 
@@ -409,7 +408,7 @@ def evaluate_tracked(run: SeedRun, stage_name: str, stage_dir: Path) -> None:
                                   ev.max_new_tokens, ev.match)
         run.matrix[stage_name][set_name] = summarize(preds)
         if run.main and run.cfg.output.save_predictions:
-            io.write_jsonl(rundir.predictions_file(stage_dir, set_name),
+            files.write_jsonl(rundir.predictions_file(stage_dir, set_name),
                            (p.to_json() for p in preds))
 
 
@@ -424,7 +423,7 @@ def run_stage(run: SeedRun, k: int) -> None:
     stage_dir = rundir.stage_path(run.out, cfg, k)
     mixture = build_mixture(cfg, k, run.sets, run.seed)
     if run.main:
-        io.write_json(stage_dir / rundir.MANIFEST_FILE, mixture.manifest())
+        files.write_json(stage_dir / rundir.MANIFEST_FILE, mixture.manifest())
     check = memorization_set(stage, run.sets)
     log_memorization_watch(stage, memorization_watch(stage, cfg.eval, check))
     run.model, parts = begin_stage(run.model, stage, run.accelerator)  # LoRA, freezing
@@ -476,8 +475,8 @@ def record_stage(run: SeedRun, k: int, train_log: list[dict[str, Any]],
     rundir.save_stage_weights(run.plain_model(), stage_dir, write=run.main)
     if not run.main:
         return
-    io.write_jsonl(stage_dir / rundir.TRAIN_LOG_FILE, train_log)
-    io.write_json(rundir.metrics_file(stage_dir), metrics)
+    files.write_jsonl(stage_dir / rundir.TRAIN_LOG_FILE, train_log)
+    files.write_json(rundir.metrics_file(stage_dir), metrics)
     ckpt.clear()
     if k > 0:  # only the last finished stage's weights are needed to continue
         rundir.drop_resume_dir(rundir.stage_path(run.out, run.cfg, k - 1))
@@ -491,7 +490,7 @@ def finish(run: SeedRun) -> dict[str, Any]:
     run.accelerator.free_memory()
     record = rundir.accuracy_record(run.cfg, run.matrix)
     if run.main:
-        io.write_json(rundir.accuracy_file(run.out), record)
+        files.write_json(rundir.accuracy_file(run.out), record)
         for k in range(len(run.cfg.stages)):
             rundir.drop_resume_dir(rundir.stage_path(run.out, run.cfg, k))
     return record

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from factmem import io
+from factmem import files
 from factmem.config import to_dict
 from factmem.data.examples import Example
 from factmem.data.registry import build_source
@@ -125,7 +125,7 @@ def filter_unknown(
     seconds = round(time.perf_counter() - t0, 2)
     known = [p["id"] for p in preds if p["known"]]
     unknown = [p["id"] for p in preds if not p["known"]]
-    io.write_json(path, {"model": to_dict(model_cfg), "data": data_desc, "settings": settings,
+    files.write_json(path, {"model": to_dict(model_cfg), "data": data_desc, "settings": settings,
                          "known": known, "unknown": unknown, "seconds": seconds,
                          "counts": {"known": len(known), "unknown": len(unknown)},
                          "predictions": preds})
@@ -136,7 +136,7 @@ def filter_unknown(
 
 def refine_set(name: str, cfg, examples: list[Example], model_cfg, tokenizer_fn,
                reports: dict[str, Any]) -> list[Example]:
-    """Apply a set config's `max_tokens`, `filter` and `keep` (experiment.SetCache calls this)."""
+    """Apply a set config's `max_tokens`, `filter` and `keep` (sets.SetCache calls this)."""
     report: dict[str, Any] = {"built": len(examples)}
     if cfg.max_tokens is not None:
         fmt = Formatter.for_model(tokenizer_fn(), model_cfg, max_length=10**9)

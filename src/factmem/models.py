@@ -89,7 +89,8 @@ def resolve_model_path(name: str) -> str:
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
-            raise ModelError(f"model directory {name} has no config.json (not a Hugging Face model)")
+            raise ModelError(f"model directory {name} has no config.json "
+                             "(not a Hugging Face model)")
         return str(p)
     if name.count("/") == 1 and not name.startswith((".", "/")):
         if p.parent.is_dir():  # `runs/tiny-model` with a local runs/: a missing directory, not
@@ -118,7 +119,8 @@ def load_tokenizer(cfg: ModelConfig):
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelError(f"model {cfg.name!r}: cannot load its tokenizer ({_first_line(e)})") from None
+        raise ModelError(
+            f"model {cfg.name!r}: cannot load its tokenizer ({_first_line(e)})") from None
     if tok.pad_token is None:  # padding never enters the loss, so any token will do
         tok.pad_token = tok.eos_token or tok.unk_token
     tok.padding_side = "right"
@@ -257,7 +259,8 @@ class Formatter:
             if cut < 0:  # the template ends turns without the eos token: add it
                 answer_part, rest = m["content"] + self.tok.eos_token, answer[len(m["content"]):]
             else:
-                answer_part, rest = answer[: cut + len(self.tok.eos_token)], answer[cut + len(self.tok.eos_token):]
+                answer_part, rest = (answer[: cut + len(self.tok.eos_token)],
+                                     answer[cut + len(self.tok.eos_token):])
             pieces.append((prefix[len(done):], False))
             pieces.append((answer_part, True))
             done = prefix + answer_part
@@ -362,4 +365,5 @@ def decoder_layers(model) -> tuple[str, nn.ModuleList]:
 def describe(model: Any) -> dict[str, Any]:
     n = sum(p.numel() for p in model.parameters())
     return {"parameters": n, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "type": model.config.model_type, "layers": getattr(model.config, "num_hidden_layers", None)}
+            "type": model.config.model_type,
+            "layers": getattr(model.config, "num_hidden_layers", None)}

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factmem import io
-from factmem.analysis.run import TABLES, collect_graded, collect_retention
+from factmem import files
+from factmem.analysis.analyze import TABLES, collect_graded, collect_retention
 from factmem.compare import load_comparison
 from factmem.compare import to_markdown as compare_markdown
 from factmem.errors import FactmemError
@@ -73,7 +73,7 @@ class RunData:
 
 def load_data(run_dir: str | Path) -> RunData:
     root, exp = open_run(run_dir)
-    base = exp.base
+    first = exp.first_variant
     accuracy: dict[str, dict[int, dict[str, Any]]] = {}
     tables: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for vname, cfg in exp.variants.items():
@@ -92,13 +92,13 @@ def load_data(run_dir: str | Path) -> RunData:
     for name in TABLES:
         path = analysis_table(root, name)
         if path.is_file():
-            tables[name] = io.read_jsonl(path)
+            tables[name] = files.read_jsonl(path)
     summary_path = analysis_summary(root)
-    summary = io.read_json(summary_path) if summary_path.is_file() else {}
+    summary = files.read_json(summary_path) if summary_path.is_file() else {}
     seeds = sorted({s for v in accuracy.values() for s in v})
-    return RunData(root, exp, base.model.name, list(accuracy), seeds,
-                   [BASE_STAGE, *[s.name for s in base.stages]], list(base.track),
-                   {s.name: s.set for s in base.stages}, accuracy, dict(tables), summary)
+    return RunData(root, exp, first.model.name, list(accuracy), seeds,
+                   [BASE_STAGE, *[s.name for s in first.stages]], list(first.track),
+                   {s.name: s.set for s in first.stages}, accuracy, dict(tables), summary)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ def fig_forgetting(data: RunData, out: Path) -> Path | None:
     """The first stage's set during the last stage, per variant: mean exact match over seeds
     (line) and the spread between seeds (band: min to max), one panel per baseline group."""
     rows = data.tables.get("retention", [])
-    cfg = data.exp.base
+    cfg = data.exp.first_variant
     if not rows or len(cfg.stages) < 2:
         return None
     watched, last = cfg.stages[0].set, cfg.stages[-1].name
@@ -598,6 +598,6 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     root = data.root
     secs = sections(data, root / REPORT_FIGURES_DIR)
     md, page = root / REPORT_MD, root / REPORT_HTML
-    io.write_text(md, to_markdown(data, secs, root))
-    io.write_text(page, to_html(data, secs))
+    files.write_text(md, to_markdown(data, secs, root))
+    files.write_text(page, to_html(data, secs))
     return md, page

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from factmem import io
+from factmem import files
 from factmem.rundir import SUMMARY_FILE, SUMMARY_MD
 
 
@@ -47,7 +47,7 @@ def summary_table(exp, results: dict[str, dict[int, dict[str, Any]]]) -> dict[st
     rec = next(iter(first.values()))
     return {
         "experiment": exp.name,
-        "model": exp.base.model.name,
+        "model": exp.first_variant.model.name,
         "seeds": {v: sorted(by_seed) for v, by_seed in results.items()},
         "stages": rec["stages"],
         "sets": rec["sets"],
@@ -86,5 +86,5 @@ def to_markdown(summary: dict[str, Any]) -> str:
 
 
 def write_summary(root: Path, summary: dict[str, Any]) -> None:
-    io.write_json(root / SUMMARY_FILE, summary)
-    io.write_text(root / SUMMARY_MD, f"# {summary['experiment']}\n\n" + to_markdown(summary))
+    files.write_json(root / SUMMARY_FILE, summary)
+    files.write_text(root / SUMMARY_MD, f"# {summary['experiment']}\n\n" + to_markdown(summary))

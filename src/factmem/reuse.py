@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from factmem import io
+from factmem import files
 from factmem.config import Experiment, ExperimentConfig, StageConfig, to_dict
 from factmem.rundir import RESUME_DIR, REUSED_FROM_FILE, stage_number
 
@@ -96,4 +96,5 @@ def copy_stage_dirs(src: Path, out: Path, k: int, key: str) -> None:
         if d.is_dir() and number is not None and number <= k + 1:
             shutil.copytree(d, out / d.name, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns(RESUME_DIR))
-            io.write_json(out / d.name / REUSED_FROM_FILE, {"path": str(src / d.name), "key": key})
+            files.write_json(out / d.name / REUSED_FROM_FILE,
+                             {"path": str(src / d.name), "key": key})

@@ -48,7 +48,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from factmem import distributed as dist
-from factmem import io
+from factmem import files
 from factmem.errors import FactmemError
 from factmem.evaluate import forgetting
 
@@ -96,6 +96,7 @@ OPTIMIZER_WEIGHTS = "optimizer.safetensors"
 SHARDED_MODEL_DIR = "model"  # FSDP: one safetensors file per rank
 SHARDED_OPTIMIZER_DIR = "optimizer"
 STEP_PREFIX = "step-"
+RANK_FILE = "rank-{rank:05d}.json"  # FSDP: each rank's RNG state in a checkpoint
 NONFINITE_FILE = "nonfinite.json"  # beside the checkpoints: where training went non-finite
 
 # Settings that change how a run is carried out but not what it computes: may differ on resume.
@@ -187,7 +188,7 @@ def is_finished(stage_dir: Path) -> bool:
 
 
 def read_metrics(stage_dir: Path) -> dict[str, Any]:
-    return io.read_json(metrics_file(stage_dir))
+    return files.read_json(metrics_file(stage_dir))
 
 
 def read_eval(stage_dir: Path) -> dict[str, dict[str, Any]]:
@@ -370,7 +371,7 @@ def check_resumable(root: Path, raw: dict[str, Any], resolved: dict[str, Any]) -
     old_raw = _load_yaml(root / CONFIG_FILE)
     keys = [k for k in diff_keys(old_raw, raw) if not k.startswith(OPERATIONAL_KEYS)]
     if not keys and saved.is_file():  # (killed between writing the two files: raw only)
-        old = io.read_json(saved)
+        old = files.read_json(saved)
         keys = [k for k in diff_keys(old, resolved)
                 if not k.split(".", 1)[-1].startswith(OPERATIONAL_KEYS)]
     if keys:
@@ -403,10 +404,10 @@ def save_stage_weights(model, stage_dir: Path, write: bool = True) -> None:
         return
     if not write:
         return
-    with io.atomic_dir(path, path.with_name(path.name + f".tmp{os.getpid()}")) as tmp:
+    with files.atomic_dir(path, path.with_name(path.name + f".tmp{os.getpid()}")) as tmp:
         save_model(model, str(tmp / MODEL_WEIGHTS))
         save_file({"torch": torch.get_rng_state()}, str(tmp / TORCH_RNG))
-        io.write_json(tmp / STATE_FILE, {"rng": host_rng_state()})
+        files.write_json(tmp / STATE_FILE, {"rng": host_rng_state()})
 
 
 def load_stage_weights(model, stage_dir: Path) -> None:
@@ -419,7 +420,7 @@ def load_stage_weights(model, stage_dir: Path) -> None:
         return
     load_model(model, str(path / MODEL_WEIGHTS))
     torch.set_rng_state(load_file(str(path / TORCH_RNG))["torch"])
-    set_host_rng_state(io.read_json(path / STATE_FILE)["rng"])
+    set_host_rng_state(files.read_json(path / STATE_FILE)["rng"])
 
 
 def has_stage_weights(stage_dir: Path) -> bool:
@@ -435,22 +436,22 @@ def write_sharded(path: Path, parts: dict[str, dict[str, torch.Tensor]],
     have, rank 0 writes `state.json` (`"format": "sharded"` and the process count) and renames
     the directory into place. A collective."""
     main = dist.rank() == 0
-    with io.atomic_dir(path, path.with_name(f".{path.name}.tmp"), main=main,
+    with files.atomic_dir(path, path.with_name(f".{path.name}.tmp"), main=main,
                        barrier=dist.barrier) as tmp:
         for name, tensors in parts.items():
             dist.save_sharded(tensors, tmp / name)
-        dist.write_rank_file(tmp, dist.rng_state())
+        files.write_json(tmp / RANK_FILE.format(rank=dist.rank()), dist.rng_state())
         dist.barrier()
         if main:
-            io.write_json(tmp / STATE_FILE, {"format": "sharded",
+            files.write_json(tmp / STATE_FILE, {"format": "sharded",
                                              "world_size": dist.world_size(), **state})
 
 
 def rank_rng_state(path: Path) -> dict[str, Any]:
     """This rank's RNG states in a sharded directory; rank 0's when the directory was written
     by fewer processes."""
-    mine = path / dist.RANK_FILE.format(rank=dist.rank())
-    return io.read_json(mine if mine.is_file() else path / dist.RANK_FILE.format(rank=0))
+    mine = path / RANK_FILE.format(rank=dist.rank())
+    return files.read_json(mine if mine.is_file() else path / RANK_FILE.format(rank=0))
 
 
 def host_rng_state() -> dict[str, Any]:

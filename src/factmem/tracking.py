@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from factmem import io
+from factmem import files, rundir
 from factmem.errors import ConfigError
 from factmem.train.loop import StageCallback, StageContext
 
@@ -119,11 +119,11 @@ class RunTracker:
         """Log a stage that was copied, not trained, from its files; returns its steps. Events
         go out in step order (wandb drops a step lower than one it has seen)."""
         events = [(offset + row["step"], step_values(row, stage_index))
-                  for row in io.read_jsonl(stage_dir / "train_log.jsonl")]
-        if (stage_dir / "retention.jsonl").is_file():
+                  for row in files.read_jsonl(stage_dir / rundir.TRAIN_LOG_FILE)]
+        if (stage_dir / rundir.RETENTION_FILE).is_file():
             events += [(offset + step, values) for step, values
-                       in retention_values(io.read_jsonl(stage_dir / "retention.jsonl"))]
-        metrics = io.read_json(stage_dir / "metrics.json")
+                       in retention_values(files.read_jsonl(stage_dir / rundir.RETENTION_FILE))]
+        metrics = files.read_json(stage_dir / rundir.METRICS_FILE)
         steps = int(metrics["train"]["steps"])
         events.append((offset + steps, eval_values(metrics["eval"])))
         for step, values in sorted(events, key=lambda e: e[0]):  # stable: same-step order kept

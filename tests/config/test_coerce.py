@@ -12,7 +12,7 @@ from factmem.errors import ConfigError
 def test_resolved_config_round_trips(base):
     raw = base(variants={"remix": {"stages.s1.mix": [{"source": "random-words", "ratio": 1}]}})
     cfg = experiment_from_dict(raw).variants["remix"]
-    again = experiment_from_dict({**to_dict(cfg), "variants": {}}).base
+    again = experiment_from_dict({**to_dict(cfg), "variants": {}}).first_variant
     assert to_dict(again) == {**to_dict(cfg), "variants": {}}
 
 
@@ -21,8 +21,10 @@ def test_resolved_config_round_trips(base):
     (lambda r: r.update(train={"lr": "fast"}), r"train.lr: expected a number, got 'fast'"),
     (lambda r: r.update(train={"lr": -1}), r"train.lr.*must be > 0"),
     (lambda r: r.update(train={"batch_size": 0}), r"train.batch_size: must be >= 1, got 0"),
-    (lambda r: r.update(train={"stop": {"rule": "forever"}}), r"train.stop.rule: 'forever' is not one of"),
-    (lambda r: r["sets"].update(c={"source": "kvx", "n": 1}), r"sets.c.source: unknown source 'kvx'.*'kvr'"),
+    (lambda r: r.update(train={"stop": {"rule": "forever"}}),
+     r"train.stop.rule: 'forever' is not one of"),
+    (lambda r: r["sets"].update(c={"source": "kvx", "n": 1}),
+     r"sets.c.source: unknown source 'kvx'.*'kvr'"),
 ])
 def test_bad_configs_give_one_line_naming_the_key(mutate, message, base, refused):
     raw = base()

@@ -19,7 +19,7 @@ def test_every_shipped_config_validates(path):
 def test_defaults_and_stage_train_overrides(base):
     raw = base(train={"lr": 1e-4, "stop": {"rule": "until_memorized", "epochs": 7}})
     raw["stages"][1]["train"] = {"lr": 3e-5}
-    cfg = experiment_from_dict(raw).base
+    cfg = experiment_from_dict(raw).first_variant
     assert cfg.stages[0].train.lr == 1e-4 and cfg.stages[1].train.lr == 3e-5
     assert cfg.stages[1].train.stop.rule == "until_memorized"  # inherited from the top level
     assert cfg.track == ["a", "b"]

@@ -27,8 +27,8 @@ def test_grid_expands_into_named_variants(base):
 
 def test_cli_overrides_are_yaml_values(base):
     exp = experiment_from_dict(base(), ["train.batch_size=4", "seeds=[0, 1]", "stages.0.set=b"])
-    assert exp.base.train.batch_size == 4 and exp.base.seeds == [0, 1]
-    assert exp.base.stages[0].set == "b"
+    assert exp.first_variant.train.batch_size == 4 and exp.first_variant.seeds == [0, 1]
+    assert exp.first_variant.stages[0].set == "b"
 
 
 @pytest.mark.parametrize("mutate, message", [

@@ -27,7 +27,7 @@ def test_yaml_reads_on_off_yes_no_as_words_not_booleans(tmp_path):
                     "stages:\n  - {name: s1, set: a}\n"
                     "  - {name: s2, set: b, mix: [{source: random-words, ratio: 1}],\n"
                     "     regularizers: [{kind: kl, on: mix}]}\n")
-    stage = load_experiment(path).base.stages[1]
+    stage = load_experiment(path).first_variant.stages[1]
     assert stage.regularizers[0].on == "mix"
     path.write_text(path.read_text() + "train: {packing: yes}\n")
     with pytest.raises(ConfigError, match="train.packing: expected true/false, got 'yes'"):

@@ -10,6 +10,7 @@ import yaml
 
 from factmem.cli import main
 from factmem.train.checkpoint import StageCheckpointer
+
 from .test_resume_cli import result_files
 
 pytestmark = pytest.mark.slow  # 2 cases x 3 tiny runs: ~8 s on 2 cores

@@ -140,9 +140,8 @@ def test_changed_config_is_refused_naming_keys_and_restart_starts_over(tiny_mode
 
 def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
     root = tmp_path / "runs" / "x"
-    with RunLock(root):
-        with pytest.raises(Exception, match=f"in use by process {os.getpid()}@"):
-            RunLock(root).acquire()
+    with RunLock(root), pytest.raises(Exception, match=f"in use by process {os.getpid()}@"):
+        RunLock(root).acquire()
     assert not (tmp_path / "runs" / ".x.lock").exists()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

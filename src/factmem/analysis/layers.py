@@ -8,6 +8,8 @@ unembedding (`norm`, `final_layernorm`, `ln_f`, ... on the decoder), and the une
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
 from factmem.errors import ModelError
@@ -20,10 +22,8 @@ def final_norm(model) -> nn.Module:
     """The normalisation applied to the last layer's output before the unembedding."""
     owners = []
     if hasattr(model, "get_decoder"):
-        try:
+        with contextlib.suppress(AttributeError, NotImplementedError):
             owners.append(model.get_decoder())
-        except (AttributeError, NotImplementedError):
-            pass
     owners += [getattr(model, a, None) for a in ("model", "transformer", "gpt_neox", "decoder")]
     for owner in owners:
         if owner is None:
@@ -33,7 +33,8 @@ def final_norm(model) -> nn.Module:
             if isinstance(m, nn.Module):
                 return m
     raise ModelError(f"{type(model).__name__}: cannot find the final norm before the unembedding "
-                     f"(looked for {', '.join(NORM_NAMES)} on the decoder); the logit lens needs it")
+                     f"(looked for {', '.join(NORM_NAMES)} on the decoder); "
+                     "the logit lens needs it")
 
 
 def unembedding(model) -> nn.Module:

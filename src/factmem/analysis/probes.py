@@ -25,7 +25,8 @@ from factmem.models import Formatter
 PROBES = ("original", "paraphrase", "choice", "reverse")
 
 KVR_PARAPHRASE = "What value is stored under the key {key}?"
-KVR_CHOICE = "Which of these is the value of key {key}? Options: {options}. Answer with the value only."
+KVR_CHOICE = ("Which of these is the value of key {key}? Options: {options}. "
+              "Answer with the value only.")
 KVR_REVERSE = "Which key has the value {value}?"
 ENTITY_PARAPHRASE = "Tell me the {relation} of {subject}."
 ENTITY_CHOICE = ("What is the {relation} of {subject}? Options: {options}. "

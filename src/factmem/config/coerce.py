@@ -15,6 +15,7 @@ dependency standing in for ~150 lines.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -162,10 +163,8 @@ def _coerce_scalar(value: Any, tp: Any, path: str) -> Any:
 
 def _coerce_float(value: Any, path: str) -> float:
     if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except ValueError:
-            pass
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _Invalid(path, f"expected a number, got {value!r}")
     if not math.isfinite(value):  # `.nan`, `.inf`, `1e999`: no setting means anything there

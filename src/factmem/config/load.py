@@ -82,7 +82,8 @@ def _parse_experiment(raw: dict[str, Any], path: str = "") -> ExperimentConfig:
     sets_raw = raw.pop("sets", None)
     stages_raw = raw.pop("stages", None)
     if not isinstance(sets_raw, dict) or not sets_raw:
-        raise _Invalid("sets", "give at least one named set, e.g. sets: {kvr_a: {source: kvr, n: 32}}")
+        raise _Invalid("sets",
+                       "give at least one named set, e.g. sets: {kvr_a: {source: kvr, n: 32}}")
     if not isinstance(stages_raw, list) or not stages_raw:
         raise _Invalid("stages", "give a list of at least one stage, e.g. [{name: s1, set: kvr_a}]")
     sets = _parse_sets(sets_raw)

@@ -36,10 +36,11 @@ class Experiment:
 
     @property
     def name(self) -> str:
-        return next(iter(self.variants.values())).name
+        return self.first_variant.name
 
     @property
-    def base(self) -> ExperimentConfig:
+    def first_variant(self) -> ExperimentConfig:
+        """The first variant as written: what the variants share (model, seeds, output)."""
         return next(iter(self.variants.values()))
 
 

@@ -5,8 +5,8 @@ Each item is (subject, relation, object) asked in the style of PopQA and EntityQ
 (two random syllables per name part, ~10^13 full names), unique across the seeded stream;
 objects are invented names or random years, except for the categorical relations (occupation,
 sport, genre) whose objects come from short real lists, so a model could guess those with
-chance 1/len(list) but cannot know them. Item i is the same under any n/offset (disjoint A/B copies by offset);
-ids are `entities:i` (`entities@seed:i`).
+chance 1/len(list) but cannot know them. Item i is the same under any n/offset (disjoint A/B
+copies by offset); ids are `entities:i` (`entities@seed:i`).
 """
 
 from __future__ import annotations

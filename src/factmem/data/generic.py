@@ -72,7 +72,8 @@ def passages(docs: list[tuple[str, str]], words_per_passage: int, windows_per_do
         if windows_per_doc is not None:
             count = min(count, windows_per_doc)
         for w in range(count):
-            out.append((f"{doc_id}#{w}", words[w * words_per_passage : (w + 1) * words_per_passage]))
+            out.append((f"{doc_id}#{w}",
+                        words[w * words_per_passage : (w + 1) * words_per_passage]))
     return out
 
 

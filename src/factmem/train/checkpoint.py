@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from factmem import distributed as dist
-from factmem import io
+from factmem import files
 from factmem.errors import FactmemError
 from factmem.rundir import (
     MODEL_WEIGHTS,
@@ -70,7 +70,7 @@ class StageCheckpointer(StageCallback):
         if not self.write:
             return path
         tmp = self.dir / f".{path.name}.tmp{os.getpid()}"
-        with io.atomic_dir(path, tmp) as tmp:
+        with files.atomic_dir(path, tmp) as tmp:
             model = ctx.accelerator.unwrap_model(ctx.model)
             save_model(model, str(tmp / MODEL_WEIGHTS))
             tensors, opt_state = split_optimizer_state(ctx.optimizer.state_dict())
@@ -78,7 +78,8 @@ class StageCheckpointer(StageCallback):
             save_file(tensors, str(tmp / OPTIMIZER_WEIGHTS))
             state = {**training_state(ctx), "optimizer": opt_state, "rng": host_rng_state(),
                      **(extra or {})}
-            io.write_json(tmp / STATE_FILE, state)  # allow_nan: a NaN loss row is recorded as such
+            # allow_nan: a NaN loss row is recorded as such
+            files.write_json(tmp / STATE_FILE, state)
         self._keep_only(path)
         return path
 
@@ -114,7 +115,7 @@ class StageCheckpointer(StageCallback):
             path = self.dir / name if name else None
         if path is None:
             return
-        state = io.read_json(path / STATE_FILE)
+        state = files.read_json(path / STATE_FILE)
         check_format(path, state, sharded)
         if sharded:
             _load_sharded(ctx, path, state)
@@ -218,7 +219,7 @@ def save_pretrained_dir(model, tokenizer, path: Path, write: bool = True) -> Non
         return
     main = dist.rank() == 0 if sharded else True
     # one temporary name for every process (sharded: they all write into it)
-    with io.atomic_dir(path, path.with_name(path.name + ".tmp"), main=main,
+    with files.atomic_dir(path, path.with_name(path.name + ".tmp"), main=main,
                        barrier=dist.barrier if sharded else None) as tmp:
         if sharded:
             dist.save_pretrained_gathered(model, tokenizer, tmp)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from factmem import distributed as dist
-from factmem import io
+from factmem import files
 from factmem.errors import FactmemError
 from factmem.rundir import NONFINITE_FILE, STEP_PREFIX
 from factmem.train.checkpoint import StageCheckpointer
@@ -50,7 +50,7 @@ class FiniteGuard(StageCallback):
                   "batch_ids": ctx.batch_ids, "last_good_step": ctx.step}
         path = self.checkpointer.save(ctx, {"nonfinite": record})
         if self.checkpointer.write:
-            io.write_json(self.checkpointer.dir / NONFINITE_FILE,
+            files.write_json(self.checkpointer.dir / NONFINITE_FILE,
                           {**record, "checkpoint": str(path)})
         raise NumericalError(self._message(ctx.step + 1, ctx.epoch, ctx.position + 1,
                                            ctx.batch_ids, f"the state before that step is saved "
@@ -64,7 +64,7 @@ class FiniteGuard(StageCallback):
                   "batch_ids": ctx.batch_ids,
                   "last_good_step": last and int(last.name[len(STEP_PREFIX):])}
         if self.checkpointer.write:
-            io.write_json(self.checkpointer.dir / NONFINITE_FILE,
+            files.write_json(self.checkpointer.dir / NONFINITE_FILE,
                           {**record, "checkpoint": last and str(last)})
         where = f"the last checkpoint is {last}" if last else "no checkpoint was saved before it"
         raise NumericalError(self._message(ctx.step, ctx.epoch, ctx.position, ctx.batch_ids, where))

@@ -89,7 +89,8 @@ class StageCallback:
 
     def on_stage_start(self, ctx: StageContext) -> None: ...
 
-    def extra_loss(self, ctx: StageContext, items: list[Encoded], share: float) -> torch.Tensor | None:
+    def extra_loss(self, ctx: StageContext, items: list[Encoded],
+                   share: float) -> torch.Tensor | None:
         """A term added to a micro-batch's loss before backward. `share` is the micro-batch's
         fraction of this process's batch: a per-step penalty P should return P * share (a
         process with no items of the step is called once with `items=[]` and share 1).

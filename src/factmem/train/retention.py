@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from factmem import io
+from factmem import files
 from factmem.data.examples import Example
 from factmem.evaluate import evaluate_examples
 from factmem.rundir import RETENTION_FILE
@@ -55,7 +55,7 @@ class RetentionCallback(StageCallback):
     def on_stage_end(self, ctx: StageContext) -> None:
         self._record(ctx)
         if self.write and self.path is not None:
-            io.write_jsonl(self.path, self.rows)
+            files.write_jsonl(self.path, self.rows)
 
     def summary(self, step: int) -> dict[str, float]:
         """Exact-match accuracy per set at `step` (for the training log)."""
@@ -80,7 +80,9 @@ def retention_callbacks(cfg, tracked: dict[str, list[Example]], stage_dir: Path,
                               cfg.eval.batch_size, write)]
 
 
-def read_retention(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[int, float]]]:
+def read_retention(
+    rows: Iterable[dict[str, Any]],
+) -> dict[tuple[str, str], list[tuple[int, float]]]:
     """(stage, set) -> [(step, accuracy)] from retention rows."""
     acc: dict[tuple[str, str, int], list[bool]] = {}
     for r in rows:

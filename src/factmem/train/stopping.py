@@ -47,7 +47,8 @@ class StopRule:
 
     def after_epoch(self, epoch: int, memorized_accuracy: float | None = None) -> bool:
         """`epoch` is 1-based and counts finished epochs."""
-        if self.checks_memorization and memorized_accuracy is not None and memorized_accuracy >= 1.0:
+        if (self.checks_memorization and memorized_accuracy is not None
+                and memorized_accuracy >= 1.0):
             return self._stop(f"memorized (exact match 100%) after epoch {epoch}")
         if epoch >= self.cfg.epochs:
             return self._stop(f"reached {self.cfg.epochs} epochs" if self.cfg.rule == "epochs"

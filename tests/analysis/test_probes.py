@@ -15,7 +15,8 @@ KVR = build_source("kvr", KVRParams(), 6, 0, 0)
 def test_kvr_probes():
     probes, skipped = build_probes(KVR, n_choices=4, seed=0)
     assert skipped == 0 and set(probes) == set(PROBES)
-    for ex, para, choice, rev in zip(KVR, probes["paraphrase"], probes["choice"], probes["reverse"]):
+    for ex, para, choice, rev in zip(KVR, probes["paraphrase"], probes["choice"],
+                                     probes["reverse"]):
         key, value = ex.meta["key"], ex.meta["value"]
         # paraphrase: same key and answer, different wording
         assert key in para.prompt and para.prompt != ex.prompt and para.answers[0] == value
@@ -31,12 +32,14 @@ def test_kvr_probes():
     assert [e.id for e in probes["original"]] == [f"{e.id}#original" for e in KVR]
     # seeded: same options again, other seed may differ
     again, _ = build_probes(KVR, seed=0)
-    assert [e.meta["options"] for e in again["choice"]] == [e.meta["options"] for e in probes["choice"]]
+    assert ([e.meta["options"] for e in again["choice"]]
+            == [e.meta["options"] for e in probes["choice"]])
 
 
 def test_entity_probes_prefer_same_relation_distractors():
     def fact(i, s, r, o):
-        return Example.qa(f"ent:{i}", f"What is the {r} of {s}?", o, subject=s, relation=r, object=o)
+        return Example.qa(f"ent:{i}", f"What is the {r} of {s}?", o,
+                          subject=s, relation=r, object=o)
 
     facts = [fact(0, "Varno Quill", "birthplace", "Osterlin"),
              fact(1, "Mira Tolt", "birthplace", "Kavenport"),
@@ -47,7 +50,8 @@ def test_entity_probes_prefer_same_relation_distractors():
     assert skipped == 1 and len(probes["reverse"]) == 4
     ch = probes["choice"][0]
     assert set(ch.meta["options"]) == {"Osterlin", "Kavenport", "Lindqvist Bay"}
-    assert "birthplace" in probes["paraphrase"][0].prompt and "Varno Quill" in probes["paraphrase"][0].prompt
+    para = probes["paraphrase"][0].prompt
+    assert "birthplace" in para and "Varno Quill" in para
     rev = probes["reverse"][0]
     assert "Osterlin" in rev.prompt and rev.answers == ("Varno Quill",)
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 import torch
 from accelerate import Accelerator
 
@@ -54,12 +53,12 @@ def test_retention_sets_limit_the_curves_to_the_named_sets(tmp_path):
     raw = {"sets": {"a": {"source": "kvr", "n": 2}, "b": {"source": "kvr", "n": 2, "offset": 9}},
            "stages": [{"name": "s1", "set": "a"}, {"name": "s2", "set": "b"}],
            "eval": {"retention_every": 2, "retention_sets": ["a"]}}
-    cfg = experiment_from_dict(raw).base
+    cfg = experiment_from_dict(raw).first_variant
     tracked = {"a": ["x"], "b": ["y"]}
     (cb,) = retention_callbacks(cfg, tracked, tmp_path, "s2", write=False)
     assert list(cb.tracked) == ["a"]
     raw["eval"]["retention_stages"] = ["s2"]  # curves during stage 2 only
-    cfg = experiment_from_dict(raw).base
+    cfg = experiment_from_dict(raw).first_variant
     assert retention_callbacks(cfg, tracked, tmp_path, "s1", write=False) == []
     assert len(retention_callbacks(cfg, tracked, tmp_path, "s2", write=False)) == 1
     del raw["eval"]["retention_stages"]

@@ -12,7 +12,7 @@ from factmem.data.public import sempre_answers
 from factmem.errors import DataError
 from factmem.scoring import is_match
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 PAPER_SETS = ["popqa", "triviaqa", "entityquestions", "lama", "webquestions", "gsm8k", "math",
               "apps", "evolcode", "ultrachat", "fineweb", "knowledge-pile", "arxiv", "entities"]
 
@@ -57,7 +57,7 @@ def test_lama_trex_templates_are_built_in_and_equal_lamas(shared_data, tmp_path)
 
     released = {(r := json.loads(line))["relation"]: r["template"] for line in
                 (shared_data / "lama_trex" / "relations.jsonl").read_text().splitlines()}
-    assert TREX_TEMPLATES == released and len(released) == 46
+    assert released == TREX_TEMPLATES and len(released) == 46
     alone = tmp_path / "TREx" / "P106.jsonl"  # as in LAMA's data.zip: no relations.jsonl beside
     alone.parent.mkdir()
     alone.write_text((shared_data / "lama_trex" / "P106.jsonl").read_text())
@@ -87,7 +87,8 @@ def test_lama_trex_and_google_re(shared_data):
 
 
 def test_triviaqa_hub_schema_and_raw_release(shared_data):
-    rc = load("triviaqa", path=str(shared_data / "triviaqa" / "rc_nocontext_validation_sample.jsonl"))
+    rc = load("triviaqa",
+              path=str(shared_data / "triviaqa" / "rc_nocontext_validation_sample.jsonl"))
     assert len(rc) == 30
     assert rc[0].prompt == "Who were the backing group of Junior Walker?\nThe answer is: "
     assert rc[0].target == "The Allstars" and "allstars" in rc[0].answers
@@ -96,7 +97,8 @@ def test_triviaqa_hub_schema_and_raw_release(shared_data):
 
 
 def test_webquestions_sempre_targets_and_contains(shared_data):
-    ex = load("webquestions", path=str(shared_data / "webquestions" / "webquestions.examples.test.json"))
+    ex = load("webquestions",
+              path=str(shared_data / "webquestions" / "webquestions.examples.test.json"))
     assert len(ex) == 2032
     assert ex[0].prompt == "what does jamaican people speak?"
     assert ex[0].answers == ("Jamaican Creole English Language", "Jamaican English")
@@ -114,7 +116,8 @@ def test_generic_corpora_passage_completion(shared_data):
                        ("knowledge-pile", FIXTURES / "knowledge_pile.jsonl")]:
         ex = load(name, path=str(path))
         e = ex[0]
-        assert e.kind == "mix" and e.prompt.startswith("Complete the following partial passage:\n\n")
+        assert e.kind == "mix"
+        assert e.prompt.startswith("Complete the following partial passage:\n\n")
         assert len(e.prompt.split("\n\n", 1)[1].split()) == 50 and len(e.target.split()) == 50
     assert len(load("fineweb", path=str(FIXTURES / "fineweb.jsonl"))) == 1  # short doc skipped
     with pytest.raises(DataError, match=r"c4-sample.01.jsonl:1: row has no field 'body'"):
@@ -145,7 +148,8 @@ def test_task_fixtures_math_apps_evolcode_ultrachat():
     chat = load("ultrachat", path=str(FIXTURES / "ultrachat.jsonl"))
     assert [r for r, _ in chat[0].messages] == ["user", "assistant", "user", "assistant"]
     assert chat[0].target.startswith("A few days") and chat[0].meta["turns"] == 2
-    assert len(load("ultrachat", path=str(FIXTURES / "ultrachat.jsonl"), max_turns=1)[0].messages) == 2
+    one_turn = load("ultrachat", path=str(FIXTURES / "ultrachat.jsonl"), max_turns=1)
+    assert len(one_turn[0].messages) == 2
 
 
 def test_parquet_and_save_to_disk_read_the_same_rows(tmp_path):

@@ -3,8 +3,12 @@
 import pytest
 
 from factmem.config import StopConfig
-from factmem.train.batching import (length_grouped_batches, mixed_batches, padding_fraction,
-                                    split_micro)
+from factmem.train.batching import (
+    length_grouped_batches,
+    mixed_batches,
+    padding_fraction,
+    split_micro,
+)
 from factmem.train.stopping import StopRule
 
 

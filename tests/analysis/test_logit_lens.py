@@ -5,7 +5,11 @@ import torch
 
 from factmem.analysis.layers import final_norm, layer_param_groups, unembedding
 from factmem.analysis.logit_lens import (
-    capture_residuals, first_stable_layer, layer_diversity, lens_logits, logit_lens,
+    capture_residuals,
+    first_stable_layer,
+    layer_diversity,
+    lens_logits,
+    logit_lens,
 )
 from factmem.batch import pad_batch
 from factmem.config import ModelConfig
@@ -94,9 +98,11 @@ def test_first_stable_layer_and_diversity():
     assert first_stable_layer([True, True, True]) == 0
     assert first_stable_layer([True, False]) is None
     d = layer_diversity([3, 3, 5, None], n_layers=6)
-    assert d["decodable"] == 3 and d["mean"] == pytest.approx(11 / 3, abs=1e-3) and d["distinct"] == 2
+    assert d["decodable"] == 3 and d["mean"] == pytest.approx(11 / 3, abs=1e-3)
+    assert d["distinct"] == 2
     assert d["entropy_bits"] == pytest.approx(0.9183, abs=1e-3)
-    assert layer_diversity([4, 4], 6)["entropy_bits"] == 0 and layer_diversity([None], 6)["mean"] is None
+    assert layer_diversity([4, 4], 6)["entropy_bits"] == 0
+    assert layer_diversity([None], 6)["mean"] is None
 
 
 def test_parts_are_found_generically(tiny):
@@ -117,7 +123,7 @@ def test_parts_are_found_generically(tiny):
 
 
 def test_lens_summary_pools_seeds_after_the_per_seed_rows():
-    from factmem.analysis.run import summarize_tables
+    from factmem.analysis.analyze import summarize_tables
 
     def fact(seed, i, first):
         return {"variant": "remix", "seed": seed, "stage": "stage1", "set": "kvr_a",

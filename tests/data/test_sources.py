@@ -85,7 +85,8 @@ def test_jsonl_source_fields_and_aliases(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"question": "q", "answer": "a"}\n{"question": "q2"}\n', r"qa.jsonl:2: row has no field 'answer'"),
+    ('{"question": "q", "answer": "a"}\n{"question": "q2"}\n',
+     r"qa.jsonl:2: row has no field 'answer'"),
     ('{"question": "q", "answer": "a"}\n{broken\n', r"qa.jsonl:2: malformed JSON"),
     ("", r"qa.jsonl: no rows"),
     ('["q", "a"]\n', r"qa.jsonl:1: expected an object"),
