@@ -290,25 +290,31 @@ def model_tensors(model) -> dict[str, torch.Tensor]:
     return {n: t for n, t in model.state_dict().items() if n in kept or n not in every}
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states as JSON (python, numpy, torch CPU and, where present, CUDA)."""
+def host_rng_state() -> dict[str, Any]:
+    """Python's and NumPy's RNG states as JSON."""
     version, state, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    out: dict[str, Any] = {
-        "python": [version, list(state), gauss],
-        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state().tolist(),
-    }
+    return {"python": [version, list(state), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def set_host_rng_state(s: dict[str, Any]) -> None:
+    version, state, gauss = s["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as JSON (python, numpy, torch CPU and, where present, CUDA)."""
+    out: dict[str, Any] = {**host_rng_state(), "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda"] = torch.cuda.get_rng_state().tolist()
     return out
 
 
 def set_rng_state(s: dict[str, Any]) -> None:
-    version, state, gauss = s["python"]
-    random.setstate((version, tuple(state), gauss))
-    name, keys, pos, has_gauss, cached = s["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    set_host_rng_state(s)
     torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch.tensor(s["cuda"], dtype=torch.uint8))

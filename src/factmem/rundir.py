@@ -36,14 +36,12 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
@@ -454,16 +452,7 @@ def rank_rng_state(path: Path) -> dict[str, Any]:
     return files.read_json(mine if mine.is_file() else path / RANK_FILE.format(rank=0))
 
 
-def host_rng_state() -> dict[str, Any]:
-    """Python's and NumPy's RNG states as JSON (torch's is a tensor, saved beside)."""
-    version, state, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(state), gauss],
-            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-
-
-def set_host_rng_state(s: dict[str, Any]) -> None:
-    version, state, gauss = s["python"]
-    random.setstate((version, tuple(state), gauss))
-    name, keys, pos, has_gauss, cached = s["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+# the Python/NumPy part of a stage's RNG state (torch's is a tensor, saved beside): one
+# implementation, in distributed.py, which also writes each rank's full state
+host_rng_state = dist.host_rng_state
+set_host_rng_state = dist.set_host_rng_state
