@@ -74,6 +74,20 @@ def tiny_plain_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-plain"), chat_template=None)
 
 
+@pytest.fixture
+def tiny(tiny_model_dir):
+    """A fresh tiny chat model and its formatter, with torch's RNG seeded for what follows
+    (LoRA initialisation, sampling), so tests that train it are repeatable."""
+    import torch
+
+    from factmem.config import ModelConfig
+    from factmem.models import Formatter, load_model, load_tokenizer
+
+    cfg = ModelConfig(name=str(tiny_model_dir))
+    torch.manual_seed(0)
+    return load_model(cfg), Formatter(load_tokenizer(cfg))
+
+
 @pytest.fixture(scope="session")
 def char_tokenizer():
     return make_char_tokenizer()

@@ -12,20 +12,13 @@ from factmem.analysis.logit_lens import (
     logit_lens,
 )
 from factmem.batch import pad_batch
-from factmem.config import ModelConfig
 from factmem.data import build_source
 from factmem.data.synthetic import KVRParams
 from factmem.errors import ModelError
 from factmem.evaluate import evaluate_examples
-from factmem.models import Formatter, decoder_layers, load_model, load_tokenizer
+from factmem.models import decoder_layers
 
 FACTS = build_source("kvr", KVRParams(key_length=4, value_length=3), 5, 0, 0)
-
-
-@pytest.fixture
-def tiny(tiny_model_dir):
-    cfg = ModelConfig(name=str(tiny_model_dir))
-    return load_model(cfg), Formatter(load_tokenizer(cfg))
 
 
 def batch(fmt, examples):

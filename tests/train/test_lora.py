@@ -8,7 +8,6 @@ from accelerate import Accelerator
 from factmem.config import (
     FreezeConfig,
     LoraConfig,
-    ModelConfig,
     StageConfig,
     StopConfig,
     TrainConfig,
@@ -16,18 +15,11 @@ from factmem.config import (
 from factmem.data import build_source
 from factmem.data.synthetic import KVRParams
 from factmem.errors import ModelError
-from factmem.models import Formatter, decoder_layers, load_model, load_tokenizer
+from factmem.models import decoder_layers
 from factmem.train import train_stage
 from factmem.train.lora import begin_stage, end_stage, freeze, is_adapter_model
 
 FACTS = build_source("kvr", KVRParams(key_length=4, value_length=2), 4, 0, 0)
-
-
-@pytest.fixture
-def tiny(tiny_model_dir):
-    cfg = ModelConfig(name=str(tiny_model_dir))
-    torch.manual_seed(0)
-    return load_model(cfg), Formatter(load_tokenizer(cfg))
 
 
 def train(model, acc, fmt, epochs=2):

@@ -25,13 +25,6 @@ FACTS = build_source("kvr", KVRParams(key_length=4, value_length=3), 5, 0, 0)
 NEW = build_source("kvr", KVRParams(key_length=4, value_length=3), 4, 100, 0)
 
 
-@pytest.fixture
-def tiny(tiny_model_dir):
-    cfg = ModelConfig(name=str(tiny_model_dir))
-    torch.manual_seed(0)
-    return load_model(cfg), Formatter(load_tokenizer(cfg))
-
-
 def context(model, fmt) -> StageContext:
     acc = Accelerator(cpu=True)
     return StageContext(model, acc, fmt, TrainConfig(), None, None, None)
