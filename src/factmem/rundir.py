@@ -10,7 +10,7 @@ a name.
         resolved.json               every variant fully resolved
         data.json                   items dropped from sets by max_tokens / filtering
         summary.json, summary.md    variant x tracked set: accuracy after each stage, over seeds
-        timing.json                 seconds per variant/seed
+        timing.json                 wall seconds per variant/seed (kept across resumes)
         comparison.json, .md        variants against their baseline (factmem.compare)
         analysis/TABLE.jsonl        factmem analyze (and analysis/summary.json)
         report.md, report.html      factmem report (figures in report/)

@@ -113,6 +113,9 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted_run(tiny_model_dir, 
         assert resumed[name] == text, name
     # finished: no temporary weights, no lock
     assert not list((out / "tiny").rglob("resume")) and not (out / ".tiny.lock").exists()
+    # timing.json holds a real figure for every variant/seed, the killed one included
+    timing = json.loads((out / "tiny" / "timing.json").read_text())
+    assert sorted(timing) == ["naive/seed0", "replay/seed0"] and min(timing.values()) > 0
 
 
 def test_changed_config_is_refused_naming_keys_and_restart_starts_over(tiny_model_dir, tmp_path,
@@ -129,10 +132,21 @@ def test_changed_config_is_refused_naming_keys_and_restart_starts_over(tiny_mode
     assert "holds a different config (changed: train.lr, seeds)" in err, err
     assert "--restart" in err and err.count("\n") == 1
     assert result_files(run) == before
-    # the same command again: everything is finished, nothing is redone
+    # the same command again: everything is finished, nothing is redone, and timing.json keeps
+    # the seconds the first run measured (not the ~0 s of skipping)
     stamp = (run / "default" / "seed0" / "accuracy.json").stat().st_mtime_ns
+    timing = json.loads((run / "timing.json").read_text())
+    assert timing["default/seed0"] > 0
     assert main(["run", str(cfg), "--no-progress", *short]) == 0
     assert (run / "default" / "seed0" / "accuracy.json").stat().st_mtime_ns == stamp
+    assert json.loads((run / "timing.json").read_text()) == timing
+    # a run dir without timing.json (killed before it was written, or older): the seconds of
+    # the stages it trained, read from their metrics
+    (run / "timing.json").unlink()
+    assert main(["run", str(cfg), "--no-progress", *short]) == 0
+    stage1 = json.loads((run / "default" / "seed0" / "01-stage1" / "metrics.json").read_text())
+    assert json.loads((run / "timing.json").read_text()) == {
+        "default/seed0": round(stage1["seconds"], 2)}
     assert main(["run", str(cfg), "--no-progress", *short, "--set", "train.lr=1e-3",
                  "--restart"]) == 0
     assert json.loads((run / "resolved.json").read_text())["default"]["train"]["lr"] == 1e-3
