@@ -13,6 +13,7 @@ import base64
 import html
 import logging
 import math
+import textwrap
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -115,12 +116,25 @@ def _plt():
 
 
 def _save(fig, data: RunData, path: Path) -> Path:
-    fig.text(0.5, 0.005, data.label, ha="center", va="bottom", fontsize=7, color="0.35")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    # the footer wrapped to the figure's width (7-point text: about 18 characters per inch), so
+    # a run with many variants is not cut off at both edges
+    width_in, height_in = fig.get_size_inches()
+    footer = textwrap.fill(data.label, width=max(40, int(width_in * 18)))
+    lines = footer.count("\n") + 1
+    fig.text(0.5, 0.005, footer, ha="center", va="bottom", fontsize=7, color="0.35")
+    fig.tight_layout(rect=(0, min(0.3, 0.03 + lines * 0.12 / height_in), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90, format="png")
     _plt().close(fig)
     return path
+
+
+def _color(k: int, n: int):
+    """The k-th of n line colours: matplotlib's 10-colour cycle, or tab20 past 10 lines (the
+    cycle would repeat colours)."""
+    if n <= 10:
+        return f"C{k}"
+    return _plt().get_cmap("tab20")(k % 20)
 
 
 def _stages(records) -> list[str]:
@@ -131,9 +145,14 @@ def _stages(records) -> list[str]:
 def fig_accuracy(data: RunData, out: Path) -> Path:
     plt = _plt()
     n = len(data.variants)
-    fig, axes = plt.subplots(1, n, figsize=(2.2 + 1.3 * len(data.sets) * n,
-                                            0.9 + 0.5 * len(data.stages)), squeeze=False)
-    for ax, v in zip(axes[0], data.variants):
+    cols = min(n, 4)  # a grid, not one long row, when a study has many variants
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 + 1.3 * len(data.sets) * cols,
+                                                  rows * (0.9 + 0.5 * len(data.stages))),
+                             squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, v in zip(axes.flat, data.variants):
         recs = list(data.accuracy[v].values())
         stages = _stages(recs)
         grid = [[_mean(r["accuracy"][st][s] for r in recs) for s in data.sets] for st in stages]
@@ -267,7 +286,10 @@ def _forgetting_curve(rows) -> tuple[list[float], list[float], list[float], list
 
 def fig_graded(data: RunData, out: Path) -> Path:
     plt = _plt()
-    fig, axes = plt.subplots(2, len(data.sets), figsize=(3.4 * len(data.sets), 5), squeeze=False)
+    # one legend for all panels, in a column of its own (per-panel legends hid the lines)
+    n_sets = len(data.sets)
+    fig, axes = plt.subplots(2, n_sets + 1, figsize=(3.4 * n_sets + 2.4, 5), squeeze=False,
+                             gridspec_kw={"width_ratios": [3.4] * n_sets + [2.4]})
     for j, s in enumerate(data.sets):
         for i, (metric, name) in enumerate((("token_acc", "token accuracy"),
                                             ("logprob", "gold mean log-prob"))):
@@ -277,12 +299,15 @@ def fig_graded(data: RunData, out: Path) -> Path:
                 stages = _stages(recs)
                 ax.plot(range(len(stages)),
                         [_mean(r[metric][st][s] for r in recs) for st in stages],
-                        "-o", color=f"C{k}", label=v)
+                        "-o", color=_color(k, len(data.variants)), label=v)
                 ax.set_xticks(range(len(stages)), stages, fontsize=8)
             ax.set_title(f"{s}: {name}", fontsize=9)
             if i == 0:
                 ax.set_ylim(-0.02, 1.02)
-        axes[0, j].legend(fontsize=7)
+    for ax in axes[:, -1]:
+        ax.axis("off")
+    axes[0, -1].legend(*axes[0, 0].get_legend_handles_labels(), fontsize=7, loc="upper left",
+                       frameon=False)
     fig.suptitle("Graded retention after each stage (teacher forced)", fontsize=10)
     return _save(fig, data, out / "graded.png")
 
