@@ -1,6 +1,7 @@
 """Training throughput on REMIX stages: length-grouped vs mixed+padded vs mixed+packed batches.
 
     python benchmarks/bench_mixing.py          # embedded model, 32 KVR facts, ratio 2, batch 8
+    python benchmarks/bench_mixing.py --repeats 3   # each layout 3 times, median seconds
 
 Two stages of the paper's best REMIX recipe at the reference scripts' ratio 2: stage 1 mixes
 random word passages into KVR facts, stage 2 mixes generic text (the built-in corpus, 50 + 50
@@ -16,6 +17,7 @@ Throughput counts real tokens (padding excluded) per second of the whole `train_
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -44,7 +46,8 @@ def stage_examples(n_facts: int, ratio: float, stage: int, key_length: int = 8):
     return facts + mix, [0] * len(facts) + [1] * len(mix)
 
 
-def run(model_name: str, n_facts: int, ratio: float, batch_size: int, epochs: int) -> dict:
+def run(model_name: str, n_facts: int, ratio: float, batch_size: int, epochs: int,
+        repeats: int = 1) -> dict:
     import torch
     from accelerate import Accelerator
 
@@ -57,29 +60,42 @@ def run(model_name: str, n_facts: int, ratio: float, batch_size: int, epochs: in
     out: dict = {}
     for stage, label in ((0, "stage 1: KVR + random words"), (1, "stage 2: KVR + generic text")):
         examples, groups = stage_examples(n_facts, ratio, stage)
-        for name, (batching, packing) in LAYOUTS.items():
-            torch.manual_seed(0)
-            model = load_model(cfg)
-            acc = Accelerator(cpu=not torch.cuda.is_available())
-            train = TrainConfig(lr=1e-4, batch_size=batch_size, batching=batching,
-                                packing=packing, stop=StopConfig(rule="epochs", epochs=epochs))
-            with Timer() as t:
-                result = train_stage(acc.prepare(model), acc, fmt, examples, train, seed=0,
-                                     progress=False, groups=groups)
-            out[(label, name)] = {"tokens": result.tokens, "seconds": t.seconds,
-                                  "steps": result.steps, "padding": result.padding_fraction,
-                                  "layout": result.layout, "items": len(examples)}
-            del model, acc
-    return out
+        names = list(LAYOUTS)
+        for rep in range(repeats):
+            # each repeat starts the rotation one layout later, so no layout always runs first
+            for name in names[rep % len(names):] + names[: rep % len(names)]:
+                batching, packing = LAYOUTS[name]
+                torch.manual_seed(0)
+                model = load_model(cfg)
+                acc = Accelerator(cpu=not torch.cuda.is_available())
+                train = TrainConfig(lr=1e-4, batch_size=batch_size, batching=batching,
+                                    packing=packing,
+                                    stop=StopConfig(rule="epochs", epochs=epochs))
+                with Timer() as t:
+                    result = train_stage(acc.prepare(model), acc, fmt, examples, train, seed=0,
+                                         progress=False, groups=groups)
+                r = out.setdefault((label, name), {
+                    "tokens": result.tokens, "steps": result.steps, "times": [],
+                    "padding": result.padding_fraction, "layout": result.layout,
+                    "items": len(examples)})
+                r["times"].append(t.seconds)
+                r["seconds"] = statistics.median(r["times"])
+                del model, acc
+    # layouts in the table's order, whatever order the last repeat ran them in
+    return {(label, name): out[(label, name)] for label, name in
+            sorted(out, key=lambda k: (k[0], names.index(k[1])))}
 
 
-def report(res: dict, model_name: str, n_facts: int, ratio: float, batch_size: int) -> str:
+def report(res: dict, model_name: str, n_facts: int, ratio: float, batch_size: int,
+           repeats: int = 1) -> str:
     rows, speed = [], {}
     for (stage, name), r in res.items():
         tps = r["tokens"] / r["seconds"]
         speed[(stage, name)] = tps
+        times = r.get("times", [r["seconds"]])
+        spread = f" ({min(times):.1f}-{max(times):.1f})" if len(times) > 1 else ""
         rows.append([stage, name, r["items"], r["steps"], r["tokens"], f"{r['padding']:.1%}",
-                     f"{r['seconds']:.1f}", f"{tps:.0f}"])
+                     f"{r['seconds']:.1f}{spread}", f"{tps:.0f}"])
     stages = list(dict.fromkeys(s for s, _ in res))
     ratios = []
     for s in stages:
@@ -94,8 +110,10 @@ def report(res: dict, model_name: str, n_facts: int, ratio: float, batch_size: i
                "tokens/s"], rows), "",
         f"mixed + packed / length_grouped throughput: {'; '.join(ratios)} (target >= 1x: "
         f"{'met' if met else 'NOT met'}). Same items and steps per stage; one process, layouts "
-        "run one after the other from the same initial weights. Padding is the share of "
-        "computed positions that were padding.",
+        "run one after the other from the same initial weights"
+        + (f", {repeats} times in rotated order; seconds are the median (range in brackets)"
+           if repeats > 1 else "")
+        + ". Padding is the share of computed positions that were padding.",
     ])
 
 
@@ -106,10 +124,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ratio", type=float, default=2.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time each layout this many times, in rotated order; report the median")
     p.add_argument("--results", type=Path, default=RESULTS, help="markdown file to update")
     args = p.parse_args(argv)
-    res = run(args.model, args.facts, args.ratio, args.batch_size, args.epochs)
-    body = (report(res, Path(args.model).name, args.facts, args.ratio, args.batch_size)
+    res = run(args.model, args.facts, args.ratio, args.batch_size, args.epochs, args.repeats)
+    body = (report(res, Path(args.model).name, args.facts, args.ratio, args.batch_size,
+                   args.repeats)
             + "\n\n" + machine_markdown(machine()))
     print(body)
     write_section("mixing", body, args.results)
