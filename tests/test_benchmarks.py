@@ -55,7 +55,12 @@ def test_bench_train_tiny(bench, tiny_model_dir, tmp_path):
 
 def test_bench_mixing_tiny(bench, tiny_model_dir, tmp_path):
     res = bench("bench_mixing").main(["--model", str(tiny_model_dir), "--facts", "4",
-                                      "--batch-size", "4", "--results", str(tmp_path / "R.md")])
+                                      "--batch-size", "4", "--repeats", "2",
+                                      "--results", str(tmp_path / "R.md")])
+    assert [name for (_, name) in res][:3] == ["length_grouped (padded)", "mixed + padded",
+                                               "mixed + packed"]
+    assert all(len(r["times"]) == 2 and min(r["times"]) <= r["seconds"] <= max(r["times"])
+               for r in res.values())
     layouts = {name: r["layout"] for (_, name), r in res.items()}
     assert layouts == {"length_grouped (padded)": "padded", "mixed + padded": "padded",
                        "mixed + packed": "packed"}
@@ -65,4 +70,6 @@ def test_bench_mixing_tiny(bench, tiny_model_dir, tmp_path):
         # facts beside long passages: padding them costs, packing them beside passages less
         assert res[(stage, "mixed + padded")]["padding"] > 0.2
         assert res[(stage, "mixed + packed")]["padding"] < res[(stage, "mixed + padded")]["padding"]
-    assert "mixed + packed / length_grouped throughput" in (tmp_path / "R.md").read_text()
+    text = (tmp_path / "R.md").read_text()
+    assert "mixed + packed / length_grouped throughput" in text
+    assert "2 times in rotated order; seconds are the median" in text
