@@ -86,13 +86,13 @@ def run(model_name: str, n_facts: int, ratio: float, batch_size: int, epochs: in
             sorted(out, key=lambda k: (k[0], names.index(k[1])))}
 
 
-def report(res: dict, model_name: str, n_facts: int, ratio: float, batch_size: int,
-           repeats: int = 1) -> str:
+def report(res: dict, model_name: str, n_facts: int, ratio: float, batch_size: int) -> str:
     rows, speed = [], {}
+    repeats = min(len(r["times"]) for r in res.values())
     for (stage, name), r in res.items():
         tps = r["tokens"] / r["seconds"]
         speed[(stage, name)] = tps
-        times = r.get("times", [r["seconds"]])
+        times = r["times"]
         spread = f" ({min(times):.1f}-{max(times):.1f})" if len(times) > 1 else ""
         rows.append([stage, name, r["items"], r["steps"], r["tokens"], f"{r['padding']:.1%}",
                      f"{r['seconds']:.1f}{spread}", f"{tps:.0f}"])
@@ -129,8 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--results", type=Path, default=RESULTS, help="markdown file to update")
     args = p.parse_args(argv)
     res = run(args.model, args.facts, args.ratio, args.batch_size, args.epochs, args.repeats)
-    body = (report(res, Path(args.model).name, args.facts, args.ratio, args.batch_size,
-                   args.repeats)
+    body = (report(res, Path(args.model).name, args.facts, args.ratio, args.batch_size)
             + "\n\n" + machine_markdown(machine()))
     print(body)
     write_section("mixing", body, args.results)

@@ -118,7 +118,13 @@ def _seed_rows(cfg, seed_dir: Path, key: dict[str, Any], acc_rows: list, forget_
     """One variant/seed's rows: figures and predictions of its finished stages, forgetting
     once it is finished."""
     from factmem import files
-    from factmem.rundir import accuracy_file, finished_stage_dirs, predictions_file, read_eval
+    from factmem.rundir import (
+        accuracy_file,
+        finished_stage_dirs,
+        is_seed_finished,
+        predictions_file,
+        read_eval,
+    )
 
     for stage, _, stage_dir in finished_stage_dirs(cfg, seed_dir):
         for name, m in read_eval(stage_dir).items():
@@ -128,7 +134,7 @@ def _seed_rows(cfg, seed_dir: Path, key: dict[str, Any], acc_rows: list, forget_
             if path.is_file():
                 pred_rows += [{**key, "stage": stage, "set": name, **p}
                               for p in files.read_jsonl(path)]
-    if accuracy_file(seed_dir).is_file():
+    if is_seed_finished(seed_dir):
         record = files.read_json(accuracy_file(seed_dir))
         forget_rows += [{**key, "set": s, "forgetting": f} for s, f in record["forgetting"].items()]
 

@@ -139,7 +139,7 @@ def dry_run(exp: Experiment, output_dir: str | None = None, overwrite: bool = Fa
     rundir.check_resumable(root, exp.raw, resolved_config(exp))  # refuses a changed config
     paths = rundir.RunPaths(root)
     runs = [(v, s) for v, c in exp.variants.items() for s in c.seeds]
-    done = sum(rundir.accuracy_file(paths.seed_dir(v, s)).is_file() for v, s in runs)
+    done = sum(rundir.is_seed_finished(paths.seed_dir(v, s)) for v, s in runs)
     return plan, (f"would continue the run in {root}: {done} of {len(runs)} variant/seed runs "
                   "finished (they are skipped)")
 
@@ -221,12 +221,12 @@ def run_all(exp: Experiment, root: Path, prepared: Prepared, accelerator,
         log.info("stage reuse is off with %d processes (weights are not kept across variants): "
                  "variants that share stages train them again", accelerator.num_processes)
     results: dict[str, dict[int, dict[str, Any]]] = {}
-    timings = RunTimings(root, enabled=accelerator.is_main_process)
+    timings = rundir.RunTimings(root, enabled=accelerator.is_main_process)
     for vname, cfg in exp.variants.items():
         results[vname] = {}
         for seed in cfg.seeds:
             seed_dir = paths.seed_dir(vname, seed)
-            finished_before = rundir.accuracy_file(seed_dir).is_file()
+            finished_before = rundir.is_seed_finished(seed_dir)
             t0 = time.perf_counter()
             results[vname][seed] = run_variant_seed(
                 cfg, vname, seed, prepared.cache.sets(cfg), prepared.tokenizer(cfg), accelerator,
@@ -246,38 +246,6 @@ def run_all(exp: Experiment, root: Path, prepared: Prepared, accelerator,
     accelerator.wait_for_everyone()
     summary["run_dir"] = str(root)
     return summary
-
-
-class RunTimings:
-    """timing.json: wall seconds per variant/seed, written after each one so that a killed run
-    keeps what it measured. A variant/seed finished by an earlier run keeps that run's figure;
-    where none was written (a run dir from before this file was kept up to date), the seconds
-    of the stages it trained itself are summed (training and in-stage evaluation; copied stages
-    and the base evaluation add nothing)."""
-
-    def __init__(self, root: Path, enabled: bool = True):
-        self.path = root / rundir.TIMING_FILE
-        self.enabled = enabled
-        self.seconds: dict[str, float] = {}  # in the order the runs come, earlier ones too
-        self.earlier: dict[str, float] = {}
-        if enabled and self.path.is_file():
-            self.earlier = {k: v for k, v in files.read_json(self.path).items()
-                            if isinstance(v, (int, float)) and v > 0}
-
-    def record(self, key: str, seconds: float) -> None:
-        self.seconds[key] = round(seconds, 2)
-        self._write()
-
-    def keep_earlier(self, key: str, cfg: ExperimentConfig, seed_dir: Path) -> None:
-        trained = [d for _, _, d in rundir.finished_stage_dirs(cfg, seed_dir)
-                   if not (d / rundir.REUSED_FROM_FILE).is_file()]
-        self.seconds[key] = self.earlier.get(key) or round(
-            sum(rundir.read_metrics(d).get("seconds", 0.0) for d in trained), 2)
-        self._write()
-
-    def _write(self) -> None:
-        if self.enabled:
-            files.write_json(self.path, self.seconds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,7 +303,7 @@ def run_variant_seed(
 ) -> dict[str, Any]:
     """Train one variant with one seed through all stages; returns its accuracy record.
     Continues an interrupted run: finished stages in `out` are skipped (factmem.rundir)."""
-    if rundir.accuracy_file(out).is_file():
+    if rundir.is_seed_finished(out):
         log.info("%s seed%d: finished in an earlier run, skipped", variant, seed)
         if reuse:
             reuse.finished(stage_keys(cfg, seed))

@@ -2,8 +2,8 @@
 
 Every file and folder name of a run lives here, with the paths into it, the lock that keeps one
 writer per directory, the check that a continued run has the same config, the model weights
-kept after a finished stage, and the accuracy record. Other modules ask for a path; none spells
-a name.
+kept after a finished stage, the accuracy record and the timings. Other modules ask for a path;
+none spells a name.
 
     RUN_DIR = output.dir/NAME (NAME made safe for a file system, see `safe_name`)
         config.yaml                 the config as given (with --set overrides applied)
@@ -219,6 +219,11 @@ def accuracy_file(seed_dir: Path) -> Path:
     return seed_dir / ACCURACY_FILE
 
 
+def is_seed_finished(seed_dir: Path) -> bool:
+    """A variant/seed is finished once its accuracy.json is written (its stages all are)."""
+    return accuracy_file(seed_dir).is_file()
+
+
 def open_run(run_dir: str | Path) -> tuple[Path, Any]:
     """(root, Experiment) of a run directory, for the readers of a run (factmem.load_run,
     analyze, report)."""
@@ -261,6 +266,42 @@ def finished_record(cfg, seed_dir: Path) -> dict[str, Any] | None:
     metrics.json (a run still going, or stopped, has no accuracy.json yet); None if none is."""
     matrix = {stage: read_eval(d) for stage, _, d in finished_stage_dirs(cfg, seed_dir)}
     return accuracy_record(cfg, matrix) if matrix else None
+
+
+# --------------------------------------------------------------------------------------------
+# Wall seconds per variant/seed (timing.json)
+
+
+class RunTimings:
+    """timing.json: wall seconds per variant/seed, written after each one so that a killed run
+    keeps what it measured. A variant/seed finished by an earlier run keeps that run's figure;
+    where none was written (a run dir from before this file was kept up to date), the seconds
+    of the stages it trained itself are summed (training and in-stage evaluation; copied stages
+    and the base evaluation add nothing)."""
+
+    def __init__(self, root: Path, enabled: bool = True):
+        self.path = root / TIMING_FILE
+        self.enabled = enabled
+        self.seconds: dict[str, float] = {}  # in the order the runs come, earlier ones too
+        self.earlier: dict[str, float] = {}
+        if enabled and self.path.is_file():
+            self.earlier = {k: v for k, v in files.read_json(self.path).items()
+                            if isinstance(v, (int, float)) and v > 0}
+
+    def record(self, key: str, seconds: float) -> None:
+        self.seconds[key] = round(seconds, 2)
+        self._write()
+
+    def keep_earlier(self, key: str, cfg, seed_dir: Path) -> None:
+        trained = [d for _, _, d in finished_stage_dirs(cfg, seed_dir)
+                   if not (d / REUSED_FROM_FILE).is_file()]
+        self.seconds[key] = self.earlier.get(key) or round(
+            sum(read_metrics(d).get("seconds", 0.0) for d in trained), 2)
+        self._write()
+
+    def _write(self) -> None:
+        if self.enabled:
+            files.write_json(self.path, self.seconds)
 
 
 # --------------------------------------------------------------------------------------------
