@@ -11,8 +11,16 @@ Packing. The items of a micro-batch are laid end to end in ONE row, `position_id
 at 0 for each item and no attention mask. transformers (>= 4.5x, `masking_utils`) reads packed
 `position_ids` as separate sequences and builds a block-diagonal causal mask for its eager, SDPA
 and flash-attention paths, so each item attends only to itself: the same logits as a padded
-batch, without computing padding. `packing_supported` checks that on the model at hand (a model
-with its own attention code may ignore it); the stage loop falls back to padding if not.
+batch, without computing padding. That detection is skipped when a mask is given: a packed row
+with an all-ones mask lets items attend to each other (logits off by O(1)), so `ModelBatch`
+refuses a batch with both restarting positions and a mask. `packing_supported` checks on the
+model at hand that packed items stay apart (a model with its own attention code may ignore
+the positions); the stage loop falls back to padding if not.
+
+Kept logits. Only some positions are unembedded (`logits_to_keep`). A forward that swallows the
+argument in `**kwargs` (transformers 4.46-4.49 named it `num_logits_to_keep`; remote-code
+models) returns every position instead; `_kept` tells the two apart by the length it gets
+back, so such a model is sliced, never read at the wrong positions.
 """
 
 from __future__ import annotations
@@ -39,6 +47,12 @@ class ModelBatch:
     position_ids: torch.Tensor | None
     targets: torch.Tensor
     owner: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.position_ids is not None and self.attention_mask is not None:
+            raise ValueError("a packed batch (position_ids restarting per item) must not carry an "
+                             "attention mask: transformers then skips the block-diagonal mask "
+                             "and packed items attend to each other")
 
     def to(self, device) -> ModelBatch:
         def move(t):
@@ -155,10 +169,7 @@ def target_logits(model, batch: ModelBatch) -> tuple[torch.Tensor, torch.Tensor,
     kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     if batch.position_ids is not None:
         kwargs["position_ids"] = batch.position_ids
-    try:
-        logits = model(**kwargs, logits_to_keep=keep_cols).logits
-    except TypeError:
-        logits = model(**kwargs).logits[:, keep_cols]
+    logits = _kept(model, kwargs, keep_cols)
     targets = batch.targets[:, keep_cols]
     keep = targets != -100
     return logits[keep], targets[keep], batch.owner[:, keep_cols][keep]
@@ -174,11 +185,25 @@ def answer_logits(model, ids: torch.Tensor, mask: torch.Tensor, first: int):
     prompts, so skipping the unembedding elsewhere saves ~25% of a training step on SmolLM2
     (49k vocabulary). Models whose forward lacks `logits_to_keep` get full logits, sliced."""
     positions = torch.arange(first, ids.shape[1] - 1, device=ids.device)
+    return _kept(model, {"input_ids": ids, "attention_mask": mask}, positions), positions
+
+
+def _kept(model, kwargs: dict, keep: torch.Tensor) -> torch.Tensor:
+    """The logits at sequence positions `keep` [k] -> [rows, k, vocab]. Asks the model for those
+    positions only; a forward without `logits_to_keep` (TypeError) or one that ignores it
+    (every position comes back) is sliced here."""
+    width = kwargs["input_ids"].shape[1]
     try:
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=positions).logits
+        logits = model(**kwargs, logits_to_keep=keep).logits
     except TypeError:
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, positions]
-    return logits, positions
+        logits = model(**kwargs).logits
+    got = logits.shape[1]
+    if got == len(keep):
+        return logits
+    if got == width:
+        return logits[:, keep]
+    raise RuntimeError(f"the model returned logits for {got} positions, neither the {len(keep)} "
+                       f"asked for (logits_to_keep) nor all {width}: cannot tell which they are")
 
 
 @torch.no_grad()

@@ -526,11 +526,11 @@ def lens_sections(data: RunData, figdir: Path) -> list[Section]:
             for r in lens]
     text = ("Each layer's residual stream decoded through the final norm and unembedding at the "
             "answer positions. First decodable layer = first layer from which every answer "
-            "token stays top-1 to the last layer; spread = standard deviation and entropy of "
-            "its histogram. Seed `all` pools the facts of every seed. Last column: the same for "
-            "the first answer token only.")
+            "token stays top-1 to the last layer; spread = sample standard deviation (n − 1) "
+            "and entropy of its histogram. Seed `all` pools the facts of every seed. Last "
+            "column: the same for the first answer token only.")
     headers = ["variant", "seed", "checkpoint", "set", "decodable", "mean layer", "median",
-               "std", "entropy (bits)", "distinct layers", "first token: mean / entropy"]
+               "sample std", "entropy (bits)", "distinct layers", "first token: mean / entropy"]
     return [Section("Logit lens", text, headers, rows, fig_lens(data, figdir)),
             Section("First decodable layer", "", figure=fig_first_layer(data, figdir))]
 

@@ -98,6 +98,13 @@ def test_first_stable_layer_and_diversity():
     assert layer_diversity([None], 6)["mean"] is None
 
 
+def test_layer_spread_is_the_sample_sd():
+    # every other table states the sample SD (n - 1): [3, 3, 5] -> sqrt(4/3 / 2 * 2) = 1.1547,
+    # not the population SD 0.9428
+    assert layer_diversity([3, 3, 5, None], n_layers=6)["std"] == pytest.approx(1.1547, abs=1e-4)
+    assert layer_diversity([4], 6)["std"] is None  # one fact has no spread
+
+
 def test_parts_are_found_generically(tiny):
     model, _ = tiny
     assert final_norm(model) is model.model.norm and unembedding(model) is model.lm_head

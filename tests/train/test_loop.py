@@ -1,6 +1,7 @@
 """The stage loop: parameters change, callbacks see every step and can add loss terms,
 gradient accumulation computes the same update as one big batch."""
 
+import pytest
 import torch
 from accelerate import Accelerator
 
@@ -9,6 +10,7 @@ from factmem.data import build_source
 from factmem.data.synthetic import KVRParams
 from factmem.models import Formatter, load_model, load_tokenizer
 from factmem.train import StageCallback, train_stage
+from factmem.train.loop import make_scheduler, warmup_steps
 
 
 def setup(model_dir):
@@ -130,3 +132,17 @@ def test_until_memorized_on_a_task_stage_watches_the_task_not_its_replay(tiny_mo
            .read_text().splitlines()]
     checked = [r["memorized_accuracy"] for r in log if "memorized_accuracy" in r]
     assert checked and checked[-1] == metrics["eval"]["t"]["accuracy"]  # the task set's figure
+
+
+def test_warmup_takes_the_ceiling_as_the_reference_code():
+    # reference: num_warmup_steps=math.ceil(total_training_steps * args.warmup_ratio)
+    assert warmup_steps(0.05, 64) == 4  # 3.2 -> 4 (rounding gave 3)
+    assert warmup_steps(0.05, 40) == 2 and warmup_steps(0.0, 64) == 0
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(opt, TrainConfig(lr=1.0, batch_size=1, warmup_fraction=0.05), 64)
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])  # 4 warm-up steps

@@ -130,7 +130,8 @@ def first_stable_layer(hits: Sequence[bool]) -> int | None:
 
 def layer_diversity(first_layers: Sequence[int | None], n_layers: int) -> dict[str, Any]:
     """Summary of the first-decodable layers of a set: how early (mean, median) and how spread
-    (standard deviation, entropy in bits of the layer histogram, distinct layers)."""
+    (sample standard deviation, n - 1, as every other table; entropy in bits of the layer
+    histogram; distinct layers)."""
     decoded = [x for x in first_layers if x is not None]
     out: dict[str, Any] = {"n": len(first_layers), "decodable": len(decoded), "n_layers": n_layers,
                            "mean": None, "median": None, "std": None, "entropy_bits": None,
@@ -142,7 +143,9 @@ def layer_diversity(first_layers: Sequence[int | None], n_layers: int) -> dict[s
         srt = sorted(decoded)
         out["mean"] = round(mean, 4)
         out["median"] = srt[n // 2] if n % 2 else (srt[n // 2 - 1] + srt[n // 2]) / 2
-        out["std"] = round(math.sqrt(sum((x - mean) ** 2 for x in decoded) / n), 4)
+        # sample SD (n - 1), as every spread factmem prints; one decodable fact has none
+        out["std"] = (round(math.sqrt(sum((x - mean) ** 2 for x in decoded) / (n - 1)), 4)
+                      if n > 1 else None)
         out["entropy_bits"] = round(-sum(c / n * math.log2(c / n)
                                          for c in Counter(decoded).values()) + 0.0, 4)
     return out

@@ -124,8 +124,14 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
     plan is the most epochs the stop rule allows (early stopping ends mid-schedule)."""
     from transformers import get_cosine_schedule_with_warmup
 
-    warmup = round(cfg.warmup_fraction * total_steps)
-    return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    return get_cosine_schedule_with_warmup(optimizer, warmup_steps(cfg.warmup_fraction,
+                                                                   total_steps), total_steps)
+
+
+def warmup_steps(fraction: float, total_steps: int) -> int:
+    """ceil(fraction x steps), as the reference code (`math.ceil(total * warmup_ratio)`): a
+    64-step stage at 5% warms up for 4 steps (3.2 rounded up), not 3."""
+    return math.ceil(fraction * total_steps)
 
 
 @dataclass
