@@ -110,3 +110,36 @@ def test_amounts_round_half_up():
     from factmem.mixing import amount
 
     assert [amount(0.5, None, n) for n in (1, 3, 5)] == [1, 2, 3]  # round() would give 0, 2, 2
+
+
+def test_a_factoid_source_is_not_mixing_data():
+    # kvr drawn as "mix" with data seed 0 would repeat the stage's own facts (8 of 8)
+    from factmem.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"stages\.1\.mix\.0\.source.*'kvr' makes factoid"):
+        make({"mix": [{"source": "kvr", "ratio": 1}]})
+
+
+def test_mixing_one_source_at_two_lengths_draws_disjoint_passages():
+    # random-words passage i is one stream cut at `length` words: at lengths 8 and 16 the same
+    # index gives a passage and its prefix, under the same id
+    cfg, sets = make({"mix": [{"source": "random-words", "ratio": 2, "length": 8}]})
+    s1 = build_mixture(cfg, 0, sets, 0).components[1].examples  # length 16 (default)
+    s2 = build_mixture(cfg, 1, sets, 0).components[1].examples  # length 8
+    assert not {e.id for e in s1} & {e.id for e in s2}
+    texts1 = [f"{e.prompt} {e.target}" for e in s1]
+    for e in s2:
+        words = e.target.split()
+        assert not any(" ".join(words) in t for t in texts1), e.id
+    assert s2[0].id.startswith("random-words(length=8):")
+
+
+def test_draws_that_overlap_through_offsets_are_refused():
+    from factmem.errors import ConfigError
+
+    cfg, sets = two_stage({"source": "random-words", "ratio": 1, "offset": 10},
+                          {"source": "random-words", "ratio": 1}, n=20)
+    assert len(mix_ids(cfg, sets, 0, 0)) == 20  # items 10-29
+    with pytest.raises(ConfigError, match=r"stages\.1\.mix\.0: items 20-39 .* overlap items "
+                                          r"10-29 drawn by stages\.0\.mix\.0"):
+        build_mixture(cfg, 1, sets, 0)

@@ -6,8 +6,11 @@ config). The realised mixture (ids per component) goes to the run directory as a
 
 Mixing items are drawn per training seed and never repeat within a run: the stages of one run
 that mix the same source (same parameters) take consecutive, disjoint draws from it.
-- A source without an end (random-words, kvr) gives item indices offset, offset+1, ... generated
-  with the training seed as data seed, so each stage takes the next indices.
+- A source without an end (random-words) gives item indices offset, offset+1, ... generated
+  with the training seed as data seed, so each stage takes the next indices, whatever its
+  parameters: random-words passage i is one random stream cut at `length` words, so stages
+  mixing passages of length 8 and 16 must not both take index i (one would be the other's
+  prefix).
 - A source with an end (the built-in `generic` corpus, a JSONL file, a hub corpus's streamed
   rows) is a pool: shuffled once per training seed, each stage takes the next slice of that
   order. A stage that asks for more than the pool has left is refused with one line. Sizes:
@@ -107,30 +110,60 @@ def generic_pool_size() -> int:
     return len(build_source("generic", GenericParams(), None, 0, 0))
 
 
-def already_drawn(cfg: ExperimentConfig, stage_index: int, mix_index: int,
-                  set_sizes: dict[str, int]) -> int:
-    """Items the earlier stages (and earlier components of this stage) of the run drew from the
-    same pool as stages[stage_index].mix[mix_index]: this draw starts after them."""
-    key = _pool_key(cfg.stages[stage_index].mix[mix_index])
-    taken = 0
+def _draw_key(m: MixConfig) -> str:
+    """Components with the same key draw from one sequence of items. An unbounded source's item
+    i comes from the same random stream whatever its parameters (random-words passage i at
+    length 8 is the prefix of passage i at length 16), so all its components share one index
+    sequence; a pool is its own (source, parameters, offset)."""
+    return m.source if get_source(m.source).unbounded else _pool_key(m)
+
+
+def _earlier_draws(cfg: ExperimentConfig, stage_index: int, mix_index: int,
+                   set_sizes: dict[str, int]):
+    """(path, component, amount) of the run's components before stages[stage_index].mix[
+    mix_index] (earlier stages, then earlier components of this stage) with its draw key."""
+    key = _draw_key(cfg.stages[stage_index].mix[mix_index])
     for k in range(stage_index + 1):
         st = cfg.stages[k]
         for j, m in enumerate(st.mix):
             if k == stage_index and j >= mix_index:
-                break
-            if _pool_key(m) == key:
-                taken += amount(m.ratio, m.count, set_sizes[st.set])
-    return taken
+                return
+            if _draw_key(m) == key:
+                yield f"stages.{k}.mix.{j}", m, amount(m.ratio, m.count, set_sizes[st.set])
+
+
+def already_drawn(cfg: ExperimentConfig, stage_index: int, mix_index: int,
+                  set_sizes: dict[str, int]) -> int:
+    """Items the earlier stages (and earlier components of this stage) of the run drew from the
+    same sequence as stages[stage_index].mix[mix_index]: this draw starts after them."""
+    return sum(k for _, _, k in _earlier_draws(cfg, stage_index, mix_index, set_sizes))
+
+
+def _check_unbounded_disjoint(cfg: ExperimentConfig, stage_index: int, mix_index: int, k: int,
+                              set_sizes: dict[str, int], path: str) -> int:
+    """The first index of this draw of an unbounded source, refusing one that overlaps an
+    earlier draw of the run (possible only when components give different `offset`s)."""
+    m = cfg.stages[stage_index].mix[mix_index]
+    first, start = m.offset + already_drawn(cfg, stage_index, mix_index, set_sizes), 0
+    for other, om, ok in _earlier_draws(cfg, stage_index, mix_index, set_sizes):
+        lo = om.offset + start
+        if ok and k and lo < first + k and first < lo + ok:
+            raise ConfigError(f"{path}: items {first}-{first + k - 1} of {m.source} overlap "
+                              f"items {lo}-{lo + ok - 1} drawn by {other}; give offsets that "
+                              "keep the stages' draws apart (items are never repeated in a run)")
+        start += ok
+    return first
 
 
 def draw_mix(cfg: ExperimentConfig, stage_index: int, mix_index: int, k: int, run_seed: int,
              set_sizes: dict[str, int], path: str) -> tuple[list[Example], dict[str, Any]]:
     """The k items of stages[stage_index].mix[mix_index] for training seed `run_seed`."""
     m = cfg.stages[stage_index].mix[mix_index]
-    start = already_drawn(cfg, stage_index, mix_index, set_sizes)
     if get_source(m.source).unbounded:
-        items = build_source(m.source, m.params, k, m.offset + start, run_seed)
-        return items, {"data_seed": run_seed, "first_index": m.offset + start}
+        first = _check_unbounded_disjoint(cfg, stage_index, mix_index, k, set_sizes, path)
+        items = build_source(m.source, m.params, k, first, run_seed)
+        return items, {"data_seed": run_seed, "first_index": first}
+    start = already_drawn(cfg, stage_index, mix_index, set_sizes)
     pool = mix_pool(m)
     if start + k > len(pool):
         earlier = f" (earlier draws of this run took {start})" if start else ""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from factmem.config.coerce import _Invalid, _join, _unknown_ref, to_dict
 from factmem.config.schema import ExperimentConfig
+from factmem.data import SOURCES, get_source
 
 
 def _check_run_name(name: str) -> None:
@@ -55,6 +56,7 @@ def _check_stage(cfg: ExperimentConfig, i: int, seen_stages: list[str]) -> None:
     if st.set not in cfg.sets:
         raise _unknown_ref(f"{p}.set", st.set, names, "set")
     for j, m in enumerate(st.mix):
+        _check_mix_source(m.source, f"{p}.mix.{j}.source")
         _check_amount(m.ratio, m.count, f"{p}.mix.{j}")
         _check_selection(1, m.offset, f"{p}.mix.{j}")
     for j, r in enumerate(st.replay):
@@ -66,6 +68,17 @@ def _check_stage(cfg: ExperimentConfig, i: int, seen_stages: list[str]) -> None:
             raise _unknown_ref(f"{q}.stage", r.stage, seen_stages, "earlier stage")
         if r.set is not None and r.set not in cfg.sets:
             raise _unknown_ref(f"{q}.set", r.set, names, "set")
+
+
+def _check_mix_source(source: str, path: str) -> None:
+    """REMIX mixes unrelated data. A factoid or task source drawn as "mix" would be trained
+    without being tracked, and can repeat the run's own sets (kvr with data seed 0 draws the
+    very facts of a `kvr` set at offset 0)."""
+    kind = get_source(source).kind
+    if kind != "mix":
+        valid = ", ".join(sorted(n for n, s in SOURCES.items() if s.kind == "mix"))
+        raise _Invalid(path, f"{source!r} makes {kind} items, not mixing data; mix takes {valid} "
+                       "(train another set beside this one with `joint:` or `replay:`)")
 
 
 def _check_tracking(cfg: ExperimentConfig, stages: list[str]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 import string
 from dataclasses import dataclass
@@ -85,11 +87,16 @@ def random_words(params: RandomWordsParams, n: int | None, offset: int, seed: in
     assert n is not None
     words = word_list()
     split = params.prompt_words or params.length // 2
+    # passage i is one random stream cut at `length` words: the id names non-default settings
+    # (`random-words(length=8):5`) so that two lengths' passage 5 never share an id
+    changed = [f"{f.name}={getattr(params, f.name)}" for f in dataclasses.fields(params)
+               if getattr(params, f.name) != f.default]
+    tag = f"random-words({','.join(changed)})" if changed else "random-words"
     out = []
     for i in range(offset, offset + n):
         rng = random.Random(f"random-words:{seed}:{i}")  # per item: stable under any n/offset
         passage = rng.choices(words, k=params.length)
         prompt = RANDOM_WORDS_PROMPT.format(words=" ".join(passage[:split]))
-        out.append(Example.qa(make_id("random-words", i, seed), prompt, " ".join(passage[split:]),
+        out.append(Example.qa(make_id(tag, i, seed), prompt, " ".join(passage[split:]),
                               kind="mix"))
     return out
