@@ -5,13 +5,33 @@ set). For every set trained before the last stage (what forgetting is measured o
 each variant is compared with its baseline after the last stage, fact by fact: exact match,
 teacher-forced token accuracy and gold log-probability, read from the per-fact predictions.
 
-Pairing and interval. Variant and baseline see the same facts under the same training seed, so
-the unit is the paired difference d(seed, fact). The 95% interval is a hierarchical bootstrap:
-resample the seeds with replacement, then within each drawn seed the facts with replacement,
-and take the mean of d; 10,000 resamples, seeded (the table is reproducible). It carries both
-sources of noise: which facts, and which training run. `mde` is the smallest true difference
-the study would detect with 80% power at the 5% level, (1.96 + 0.84) x the bootstrap standard
-error: a difference below it going undetected says little.
+Pairing. Variant and baseline see the same facts under the same training seed, so the unit is
+the paired difference d(seed, fact). A comparison needs the same facts on both sides in every
+seed; a seed where they differ makes the row "not compared" (never silently dropped facts).
+
+Interval. The question is whether the variant keeps more facts *of this kind* under *another
+training run*, so the interval must carry both sources of noise. The facts of a set are the same
+in every seed (sets are built once per run), so seeds and facts are crossed:
+    d(s, f) = mu + a_s + b_f + e_sf     (seed, fact and interaction effects)
+and the mean over n seeds and F facts has variance s2_a/n + s2_b/F + s2_e/(nF). From the
+two-way ANOVA mean squares (MS_seed = F var(seed means), MS_fact = n var(fact means), MS_res):
+    seed part  SE_s^2 = MS_seed/(nF) = var(per-seed mean differences)/n   (s2_a/n + s2_e/(nF))
+    fact part  SE_f^2 = max(0, MS_fact - MS_res)/(nF)                     (s2_b/F)
+and the 95% interval is mean ± sqrt((t_{n-1} SE_s)^2 + (t_{F-1} SE_f)^2): the t interval on
+per-seed means, widened by the facts' own spread, each part with its own degrees of freedom.
+With 3 seeds t_2 = 4.30: the price of three training runs. In simulation (tests/
+test_compare.py, docs/method.md) its coverage is 0.95-0.97 at 3-5 seeds; the percentile
+bootstrap over seeds and facts used before gave 0.91 at 3 seeds and 0.89 at 5 (resampling n
+seeds shrinks their variance by (n - 1)/n, and percentiles ignore how few seeds there are), and
+a single Satterthwaite t 0.93 (its degrees of freedom grow when the seed part is
+underestimated by chance).
+Sets that differ between seeds (nested design): the t interval on per-seed means alone.
+One seed: a t interval over facts, which covers only which facts were sampled, not another
+training run (the table note says so, and no MDE is given). Bounded figures (exact match,
+token accuracy) are clipped to their possible range, [-1, 1].
+
+`mde` is the smallest true difference the study would detect with 80% power at the 5% level:
+the same combination with t_0.975 + t_0.80 in place of t_0.975.
 
 Premise. The setting needs every stage to end with its own set memorized (100% exact match,
 factoid sets); a variant/seed where that fails is reported as such and not compared.
@@ -24,35 +44,73 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from factmem import files
 from factmem.results import mean_std
 from factmem.rundir import COMPARISON_FILE, COMPARISON_MD, RunPaths, predictions_file, stage_path
 
 METRICS = ("correct", "token_acc", "logprob")
-RESAMPLES = 10_000
-Z_POWER = 1.96 + 0.84  # two-sided 5% test, 80% power
+BOUNDS = {"correct": (-1.0, 1.0), "token_acc": (-1.0, 1.0), "logprob": (None, None)}
+LEVEL = 0.95
+POWER = 0.80
+INTERVAL = ("t interval on per-seed means widened by the spread of facts (crossed seeds x "
+            "facts; docs/method.md)")
 
 
-def bootstrap(diffs: list[list[float]], resamples: int = RESAMPLES, seed: int = 0
-              ) -> dict[str, float]:
-    """diffs[s][f]: paired difference of seed s, fact f -> mean, 95% CI, standard error, mde."""
-    rng = np.random.default_rng(seed)
+def paired_interval(diffs: list[list[float]], bounds: tuple[float | None, float | None]
+                    = (None, None), crossed: bool = True) -> dict[str, Any]:
+    """diffs[s][f]: paired difference of seed s, fact f (crossed: fact f is the same fact in
+    every seed) -> mean, 95% interval (low, high), standard error and its seed and fact parts,
+    mde, and what the interval covers ("seeds and facts" or "facts only")."""
     arrays = [np.asarray(d, dtype=float) for d in diffs]
-    n_seeds = len(arrays)
-    picks = rng.integers(0, n_seeds, (resamples, n_seeds))  # the seeds each resample draws
-    slot_means = np.empty((resamples, n_seeds))
-    for j in range(n_seeds):  # vectorised over resamples: one draw of facts per (slot, seed)
-        for s, a in enumerate(arrays):
-            rows = np.flatnonzero(picks[:, j] == s)
-            facts = rng.integers(0, len(a), (len(rows), len(a)))
-            slot_means[rows, j] = a[facts].mean(axis=1)
-    means = slot_means.mean(axis=1)
-    se = float(means.std(ddof=1))
-    return {"mean": float(np.mean([a.mean() for a in arrays])),
-            "low": float(np.percentile(means, 2.5)), "high": float(np.percentile(means, 97.5)),
-            # no variation at all (every difference equal): no power figure to give
-            "se": se, "mde": Z_POWER * se if se > 0 else None}
+    n = len(arrays)
+    mean = float(np.mean([a.mean() for a in arrays]))
+    if n == 1:  # facts only: a t interval over the one run's facts
+        d = arrays[0]
+        parts = [(float(d.var(ddof=1)) / len(d) if len(d) > 1 else 0.0, len(d) - 1)]
+    elif crossed and len({len(a) for a in arrays}) == 1 and len(arrays[0]) > 1:
+        parts = _crossed_parts(np.stack(arrays))
+    else:  # nested: other facts in every seed; each seed mean carries its facts' noise
+        seed_means = np.array([a.mean() for a in arrays])
+        parts = [(float(seed_means.var(ddof=1)) / n, n - 1)]
+    parts = [(v, df) for v, df in parts if v > 0]
+    out: dict[str, Any] = {"mean": mean, "low": mean, "high": mean,
+                           "se": float(np.sqrt(sum(v for v, _ in parts))), "mde": None,
+                           "parts": [{"var": v, "df": df} for v, df in parts], "seeds": n,
+                           "facts": int(max(len(a) for a in arrays)),
+                           "covers": "facts only" if n == 1 else "seeds and facts"}
+    if parts:
+        half = _combined(parts, lambda df: float(stats.t.ppf(0.5 + LEVEL / 2, df)))
+        lo, hi = bounds
+        out["low"], out["high"] = _clip(mean - half, lo, hi), _clip(mean + half, lo, hi)
+        if n > 1:  # one run says nothing about another: no power figure from one seed
+            out["mde"] = _combined(parts, lambda df: float(stats.t.ppf(0.5 + LEVEL / 2, df)
+                                                           + stats.t.ppf(POWER, df)))
+    return out
+
+
+def _combined(parts: list[tuple[float, float]], quantile) -> float:
+    """sqrt(sum (q(df_i) SE_i)^2): each variance part scaled by its own t quantile."""
+    return float(np.sqrt(sum(quantile(df) ** 2 * v for v, df in parts)))
+
+
+def _clip(x: float, lo: float | None, hi: float | None) -> float:
+    return float(min(max(x, lo if lo is not None else x), hi if hi is not None else x))
+
+
+def _crossed_parts(d: np.ndarray) -> list[tuple[float, float]]:
+    """d [seeds, facts] -> [(seed-part variance, n-1 df), (fact-part variance, F-1 df)] of the
+    grand mean. E[MS_seed] = F s2_a + s2_e and E[MS_fact] - E[MS_res] = n s2_b, so
+    MS_seed/(nF) + (MS_fact - MS_res)/(nF) = s2_a/n + s2_e/(nF) + s2_b/F. The seed part is
+    never truncated (with 3 seeds MS_seed falls below MS_res by chance); a negative fact part
+    is taken as 0."""
+    n, f = d.shape
+    rows, cols = d.mean(axis=1), d.mean(axis=0)
+    ms_seed, ms_fact = f * rows.var(ddof=1), n * cols.var(ddof=1)
+    ms_res = ((d - rows[:, None] - cols[None, :] + d.mean()) ** 2).sum() / ((n - 1) * (f - 1))
+    return [(float(ms_seed) / (n * f), n - 1), (max(0.0, float(ms_fact - ms_res)) / (n * f),
+                                                f - 1)]
 
 
 def _predictions(stage_dir: Path, name: str) -> dict[str, dict[str, Any]] | None:
@@ -75,15 +133,16 @@ def comparison(root: Path, exp) -> dict[str, Any] | None:
         compared = [s for st in cfg.stages[:-1] for s in (st.set, *st.joint) if s in cfg.track]
         for name in dict.fromkeys(compared):
             rows.append(_row(variant, base, name, cfg, bcfg, paths, last))
-    return {"resamples": RESAMPLES, "interval": "hierarchical bootstrap over seeds and facts",
-            "rows": rows}
+    return {"interval": INTERVAL, "level": LEVEL, "rows": rows}
 
 
 def _row(variant, base, name, cfg, bcfg, paths, last) -> dict[str, Any]:
     row: dict[str, Any] = {"variant": variant, "baseline": base, "set": name,
-                           "stage": cfg.stages[last].name, "seeds": [], "not_memorized": {}}
+                           "stage": cfg.stages[last].name, "seeds": [], "not_memorized": {},
+                           "facts_differ": {}}
     per_seed: dict[str, list[float]] = {m: [] for m in METRICS}
     diffs: dict[str, list[list[float]]] = {m: [] for m in METRICS}
+    fact_ids: list[list[str]] = []
     for seed in cfg.seeds:
         out, bout = paths.seed_dir(variant, seed), paths.seed_dir(base, seed)
         mine = _predictions(stage_path(out, cfg, last), name)
@@ -96,13 +155,21 @@ def _row(variant, base, name, cfg, bcfg, paths, last) -> dict[str, Any]:
             failed += [f"baseline {f}" for f in _failed_stages(bcfg, bout)]
         if failed:
             row["not_memorized"][str(seed)] = failed
+        if set(mine) != set(theirs):  # a pair needs the same facts on both sides
+            row["facts_differ"][str(seed)] = {"variant_only": len(set(mine) - set(theirs)),
+                                              "baseline_only": len(set(theirs) - set(mine))}
+        ids = sorted(mine)
+        fact_ids.append(ids)
         for m in METRICS:
             per_seed[m].append(statistics.fmean(float(p[m]) for p in mine.values()))
-            diffs[m].append([float(mine[i][m]) - float(theirs[i][m]) for i in mine if i in theirs])
+            diffs[m].append([float(mine[i][m]) - float(theirs[i][m]) for i in ids
+                             if i in theirs])
+    crossed = all(ids == fact_ids[0] for ids in fact_ids)  # the same facts in every seed
     for m in METRICS:
         row[m] = mean_std(per_seed[m])
-        if variant != base and diffs[m] and not row["not_memorized"]:
-            row[f"diff_{m}"] = bootstrap(diffs[m])
+        if (variant != base and diffs[m] and not row["not_memorized"]
+                and not row["facts_differ"]):
+            row[f"diff_{m}"] = paired_interval(diffs[m], BOUNDS[m], crossed)
     return row
 
 
@@ -147,6 +214,11 @@ def to_markdown(comp: dict[str, Any]) -> str:
         if r["not_memorized"]:
             note = "; ".join(f"seed {s}: {', '.join(v)}" for s, v in r["not_memorized"].items())
             diff = [f"not compared: not memorized ({note})", "", ""]
+        elif r.get("facts_differ"):
+            note = "; ".join(f"seed {s}: {c['variant_only']} only in the variant, "
+                             f"{c['baseline_only']} only in the baseline"
+                             for s, c in r["facts_differ"].items())
+            diff = [f"not compared: other facts ({note})", "", ""]
         else:
             diff = [_ci(r.get("diff_correct"), 100, 1), _ci(r.get("diff_token_acc"), 1, 3),
                     _ci(r.get("diff_logprob"), 1, 2)]
@@ -159,8 +231,13 @@ def to_markdown(comp: dict[str, Any]) -> str:
     seeds = sorted({s for r in comp["rows"] for s in r["seeds"]})
     note = (f"After the last stage ({comp['rows'][0]['stage'] if comp['rows'] else ''}): mean ± "
             f"sample std over seeds {seeds}; Δ = variant − baseline, paired by seed and fact, "
-            f"95% CI by {comp['interval']} ({comp['resamples']:,} resamples); MDE = smallest "
-            "difference in exact match (points) detectable with 80% power at the 5% level.")
+            f"95% CI: {comp['interval']}; MDE = smallest difference in exact match (points) "
+            "detectable with 80% power at the 5% level.")
+    single = [r["variant"] for r in comp["rows"]
+              if (r.get("diff_correct") or {}).get("covers") == "facts only"]
+    if single:
+        note += (f" One seed ({', '.join(single)}): the interval covers only which facts were "
+                 "sampled, not another training run, and no MDE is given.")
     return "\n".join([*lines, "", note]) + "\n"
 
 
