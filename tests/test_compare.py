@@ -183,3 +183,25 @@ def test_a_one_seed_comparison_says_what_its_interval_covers(tmp_path):
             "another training run, and no MDE is given." in md)
     remix_line = next(line for line in md.splitlines() if line.startswith("| remix "))
     assert remix_line.endswith("|  |")  # no MDE
+
+
+def test_a_variant_is_compared_with_every_variant_it_names(tmp_path):
+    raw = {**RAW, "variants": {**RAW["variants"], "remix": {
+        "stages.s2.mix": [{"source": "generic", "ratio": 1}], "compare_with": ["broken"]}}}
+    exp = experiment_from_dict({**raw, "seeds": [0]})
+    for v in ("naive", "remix", "broken"):
+        write_predictions(tmp_path, exp, v, 0, 0, "a", [True] * 4)
+        write_predictions(tmp_path, exp, v, 0, 1, "b", [True] * 4)
+    write_predictions(tmp_path, exp, "naive", 0, 1, "a", [False, False, False, True])
+    write_predictions(tmp_path, exp, "remix", 0, 1, "a", [True, True, False, True])
+    write_predictions(tmp_path, exp, "broken", 0, 1, "a", [True, True, True, True])
+    pairs = [(r["variant"], r["baseline"]) for r in comparison(tmp_path, exp)["rows"]]
+    assert pairs == [("naive", "naive"), ("remix", "naive"), ("remix", "broken"),
+                     ("broken", "naive")]
+    rows = comparison(tmp_path, exp)["rows"]
+    assert rows[2]["diff_correct"]["mean"] == pytest.approx(-0.25)
+    from factmem.errors import ConfigError
+
+    bad = {**raw, "variants": {**raw["variants"], "remix": {"compare_with": ["nope"]}}}
+    with pytest.raises(ConfigError, match=r"variants\.remix\.compare_with\.0: no variant named"):
+        experiment_from_dict(bad)

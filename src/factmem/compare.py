@@ -1,9 +1,10 @@
 """Variants against their baseline: paired differences with 95% confidence intervals.
 
 A config names a `baseline` variant (a variant may name its own, e.g. one baseline per stage-2
-set). For every set trained before the last stage (what forgetting is measured on, e.g. D_A),
-each variant is compared with its baseline after the last stage, fact by fact: exact match,
-teacher-forced token accuracy and gold log-probability, read from the per-fact predictions.
+set, and further ones in `compare_with`). For every set trained before the last stage (what
+forgetting is measured on, e.g. D_A), each variant is compared with its baseline after the last
+stage, fact by fact: exact match, teacher-forced token accuracy and gold log-probability, read
+from the per-fact predictions.
 
 Pairing. Variant and baseline see the same facts under the same training seed, so the unit is
 the paired difference d(seed, fact). A comparison needs the same facts on both sides in every
@@ -122,12 +123,14 @@ def _predictions(stage_dir: Path, name: str) -> dict[str, dict[str, Any]] | None
 
 def comparison(root: Path, exp) -> dict[str, Any] | None:
     """The comparison of every variant with its baseline, or None if the config names none."""
-    pairs = {v: c.baseline for v, c in exp.variants.items() if c.baseline is not None}
+    pairs = [(v, b) for v, c in exp.variants.items()  # the baseline row of itself included
+             for b in dict.fromkeys([*([c.baseline] if c.baseline else []),
+                                     *(o for o in c.compare_with if o != v)])]
     if not pairs:
         return None
     paths = RunPaths(root)
     rows = []
-    for variant, base in pairs.items():
+    for variant, base in pairs:
         cfg, bcfg = exp.variants[variant], exp.variants[base]
         last = len(cfg.stages) - 1
         compared = [s for st in cfg.stages[:-1] for s in (st.set, *st.joint) if s in cfg.track]
@@ -233,8 +236,8 @@ def to_markdown(comp: dict[str, Any]) -> str:
             f"sample std over seeds {seeds}; Δ = variant − baseline, paired by seed and fact, "
             f"95% CI: {comp['interval']}; MDE = smallest difference in exact match (points) "
             "detectable with 80% power at the 5% level.")
-    single = [r["variant"] for r in comp["rows"]
-              if (r.get("diff_correct") or {}).get("covers") == "facts only"]
+    single = list(dict.fromkeys(r["variant"] for r in comp["rows"]
+                                if (r.get("diff_correct") or {}).get("covers") == "facts only"))
     if single:
         note += (f" One seed ({', '.join(single)}): the interval covers only which facts were "
                  "sampled, not another training run, and no MDE is given.")

@@ -116,8 +116,13 @@ def _check_baselines(cfg: ExperimentConfig, i: int) -> None:
 
 def _check_variant_baselines(variants: dict[str, ExperimentConfig],
                              base_baseline: str | None) -> None:
-    """Every variant's baseline is one of the variants (the top-level one or its own)."""
+    """Every variant's baseline and `compare_with` are variants (the top-level baseline or its
+    own)."""
     for name, v in variants.items():
         if v.baseline is not None and v.baseline not in variants:
             where = "baseline" if v.baseline == base_baseline else f"variants.{name}.baseline"
             raise _unknown_ref(where, v.baseline, list(variants), "variant")
+        for j, other in enumerate(v.compare_with):
+            if other not in variants:
+                raise _unknown_ref(f"variants.{name}.compare_with.{j}", other, list(variants),
+                                   "variant")

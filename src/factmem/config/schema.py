@@ -346,3 +346,6 @@ class ExperimentConfig:
     baseline: str | None = None
     """a variant every variant is compared with, fact by fact, after the last stage (paired
     differences with 95% CIs in comparison.md); a variant may name its own baseline"""
+    compare_with: list[str] = field(default_factory=list)
+    """further variants this one is compared with, beside its baseline, e.g. a non-factoid
+    D_B against each factoid D_B (one comparison row per pair)"""
