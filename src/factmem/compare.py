@@ -121,11 +121,17 @@ def _predictions(stage_dir: Path, name: str) -> dict[str, dict[str, Any]] | None
     return {r["id"]: r for r in files.read_jsonl(path)}
 
 
+def comparison_pairs(exp) -> list[tuple[str, str]]:
+    """(variant, what it is compared with) for every variant's baseline and `compare_with`
+    entries, in config order; a baseline's pair with itself included (its own table row)."""
+    return [(v, b) for v, c in exp.variants.items()
+            for b in dict.fromkeys([*([c.baseline] if c.baseline else []),
+                                    *(o for o in c.compare_with if o != v)])]
+
+
 def comparison(root: Path, exp) -> dict[str, Any] | None:
     """The comparison of every variant with its baseline, or None if the config names none."""
-    pairs = [(v, b) for v, c in exp.variants.items()  # the baseline row of itself included
-             for b in dict.fromkeys([*([c.baseline] if c.baseline else []),
-                                     *(o for o in c.compare_with if o != v)])]
+    pairs = comparison_pairs(exp)
     if not pairs:
         return None
     paths = RunPaths(root)
@@ -202,9 +208,12 @@ def _pm(stats: dict[str, Any], scale: float, digits: int) -> str:
     return f"{scale * stats['mean']:.{digits}f}"
 
 
-def _ci(d: dict[str, float] | None, scale: float, digits: int) -> str:
+def format_ci(d: dict[str, Any] | None, scale: float, digits: int) -> str:
+    """'+mean [low, high]' of an interval dict; '+mean (no interval: why)' where it has none."""
     if d is None:
         return ""
+    if d.get("low") is None:
+        return f"{scale * d['mean']:+.{digits}f} (no interval: {d['covers']})"
     return (f"{scale * d['mean']:+.{digits}f} [{scale * d['low']:+.{digits}f}, "
             f"{scale * d['high']:+.{digits}f}]")
 
@@ -223,8 +232,9 @@ def to_markdown(comp: dict[str, Any]) -> str:
                              for s, c in r["facts_differ"].items())
             diff = [f"not compared: other facts ({note})", "", ""]
         else:
-            diff = [_ci(r.get("diff_correct"), 100, 1), _ci(r.get("diff_token_acc"), 1, 3),
-                    _ci(r.get("diff_logprob"), 1, 2)]
+            diff = [format_ci(r.get("diff_correct"), 100, 1),
+                    format_ci(r.get("diff_token_acc"), 1, 3),
+                    format_ci(r.get("diff_logprob"), 1, 2)]
         mde = (r.get("diff_correct") or {}).get("mde")
         lines.append(" | ".join([
             f"| {r['variant']}", r["baseline"] if r["baseline"] != r["variant"] else "—",
