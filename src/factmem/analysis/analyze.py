@@ -8,7 +8,10 @@ one JSONL row per (variant, seed, stage, set, ...):
     lens_facts.jsonl    per checkpoint, set and fact: first decodable layer
     reversion.jsonl     per stage (its own set), reverted layer group and fact
     probes.jsonl        per checkpoint, set, probe and fact
-    summary.json        aggregates: lens layer diversity, probe and reversion accuracy
+    summary.json        aggregates: lens layer diversity, probe and reversion accuracy, and
+                        each variant against its baseline (lens_comparison,
+                        reversion_comparison: analysis/compare_layers.py)
+    layers_comparison.md  those comparisons as tables (when the config names a baseline)
 Model-based instruments (lens, reversion, probes) need the stage checkpoints
 (`output.save_checkpoints: true`).
 """
@@ -26,6 +29,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from factmem import files
+from factmem.analysis import compare_layers
 from factmem.analysis.logit_lens import layer_diversity, logit_lens
 from factmem.analysis.probes import run_probes
 from factmem.analysis.reversion import layer_reversion
@@ -112,7 +116,7 @@ def analyze(run_dir: str | Path, what: Sequence[str] = WHAT, block: int = 1,
             _analyze_seed(root, vname, seed, cfg, sets, what, block,
                           batch_size or cfg.eval.batch_size, tables, notes, bar)
     bar.close()
-    return _write_results(root, tables, what, block, notes)
+    return _write_results(root, exp, tables, what, block, notes)
 
 
 def _kept_rows(root: Path, variants: Sequence[str]) -> Tables:
@@ -145,7 +149,7 @@ def _analyze_seed(root: Path, vname: str, seed: int, cfg: ExperimentConfig, sets
         model_based(cfg, sets, dirs, key, what, block, batch_size, tables, notes, bar)
 
 
-def _write_results(root: Path, tables: Tables, what, block: int, notes: list[str]
+def _write_results(root: Path, exp, tables: Tables, what, block: int, notes: list[str]
                    ) -> dict[str, Any]:
     for w in what:
         for table in INSTRUMENTS[w].tables:
@@ -154,9 +158,11 @@ def _write_results(root: Path, tables: Tables, what, block: int, notes: list[str
     # aggregates of instruments not run this time stay as they were
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary.update(summarize_tables(tables, what))
+    summary.update(compare_layers.summarize(exp, tables, what))
     summary["notes"] = notes
     summary["block"] = block
     files.write_json(summary_path, summary)
+    compare_layers.write_markdown(root, summary)
     for n in notes:
         log.warning("%s", n)
     return summary
