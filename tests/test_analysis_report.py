@@ -11,6 +11,7 @@ import zlib
 import pytest
 from test_cli import tiny_config
 
+from factmem.analysis import compare_layers
 from factmem.cli import main
 
 pytestmark = pytest.mark.slow  # a tiny 2-variant run + every instrument: ~80 s on a busy 2-core box
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow  # a tiny 2-variant run + every instrument: ~80 s 
 @pytest.fixture(scope="module")
 def analyzed(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("analysis")
-    cfg = tiny_config(tiny_model_dir, tmp, eval={"retention_every": 1},
+    cfg = tiny_config(tiny_model_dir, tmp, eval={"retention_every": 1}, baseline="naive",
                       output={"dir": str(tmp / "runs"), "save_checkpoints": True})
     text = cfg.read_text().replace("  replay:\n    stages.stage2.replay:\n    - ratio: 0.5\n"
                                    "      stage: stage1\n", "")
@@ -79,7 +80,7 @@ def test_report_images_are_valid_pngs_referenced_by_the_html(analyzed, capsys):
     md = (analyzed / "report.md").read_text()
     pngs = sorted((analyzed / "report").glob("*.png"))
     names = {p.name for p in pngs}
-    assert names == {"accuracy.png", "retention.png", "graded.png", "lens.png",
+    assert names == {"accuracy.png", "forgetting.png", "retention.png", "graded.png", "lens.png",
                      "first_layer.png", "reversion.png", "probes.png"}
     embedded = [base64.b64decode(b)
                 for b in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)]
@@ -90,6 +91,28 @@ def test_report_images_are_valid_pngs_referenced_by_the_html(analyzed, capsys):
         assert f"](report/{p.name})" in md
     assert "http://" not in html and "https://" not in html  # nothing to fetch
     assert "model: " in md and "variants: naive, remix" in md
+    assert "## Where facts are stored: variants against their baseline" in md
+    assert "Δ first layer [95% CI] (< 0: variant earlier)" in md
+    assert "| remix | naive | stage2 | kvr_b | none |" in md  # reversion, nothing reverted
+
+
+def test_layers_comparison_against_the_baseline(analyzed):
+    """summary.json and analysis/layers_comparison.md pair remix with its baseline at every
+    checkpoint and set; every fact is compared or counted as not decodable."""
+    summary = json.loads((analyzed / "analysis" / "summary.json").read_text())
+    lens = summary[compare_layers.LENS_KEY]
+    assert {(r["variant"], r["baseline"], r["stage"], r["set"]) for r in lens} == {
+        ("remix", "naive", st, s) for st in ("stage1", "stage2") for s in ("kvr_a", "kvr_b")}
+    for r in lens:
+        for s, n in r["facts"].items():
+            assert r["compared"][s] + sum(r["undecodable"][s].values()) == n == 6
+    rev = summary[compare_layers.REVERSION_KEY]
+    assert {(r["stage"], r["set"]) for r in rev} == {("stage1", "kvr_a"), ("stage2", "kvr_b")}
+    assert all([b["group"] for b in r["blocks"]] == ["none", "1", "2", "other", "all"]
+               for r in rev)
+    md = (analyzed / "analysis" / compare_layers.LAYERS_MD).read_text()
+    assert md == compare_layers.to_markdown(summary)
+    assert "| remix | naive | stage1 | kvr_a | 1 |" in md
 
 
 def test_bad_input_exits_2(analyzed, tmp_path, capsys):
@@ -102,8 +125,12 @@ def test_bad_input_exits_2(analyzed, tmp_path, capsys):
 def test_analyze_one_variant_keeps_the_others(analyzed):
     path = analyzed / "analysis" / "lens_facts.jsonl"
     before = sorted(map(json.dumps, rows(path)))
+    before_comp = json.loads((analyzed / "analysis" / "summary.json").read_text())[
+        compare_layers.LENS_KEY]
     assert main(["analyze", str(analyzed), "--what", "lens", "--variant", "remix"]) == 0
     assert sorted(map(json.dumps, rows(path))) == before  # same rows, redone for remix
     summary = json.loads((analyzed / "analysis" / "summary.json").read_text())
     assert {"lens", "probes", "reversion"} <= set(summary)  # others' aggregates kept
+    # the comparison pairs remix's new rows with naive's kept ones
+    assert summary[compare_layers.LENS_KEY] == before_comp
     assert main(["analyze", str(analyzed), "--variant", "nope"]) == 2

@@ -106,6 +106,7 @@ def _cmd_data_filter(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
+    from factmem.analysis import compare_layers
     from factmem.analysis.analyze import analyze, parse_what
 
     if args.no_progress:
@@ -121,6 +122,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         print(f"lens {row['variant']} {seed} {row['stage']} {row['set']}: "
               f"{row['decodable']}/{row['n']} decodable{stats}")
     print(f"Tables: {args.run_dir}/analysis/ (summary.json)")
+    if compare_layers.LENS_KEY in summary or compare_layers.REVERSION_KEY in summary:
+        print(f"Variants against their baseline: {args.run_dir}/analysis/"
+              f"{compare_layers.LAYERS_MD}")
     return 0
 
 

@@ -3,8 +3,9 @@
 Figures (RUN_DIR/report/*.png, embedded in the HTML as data URIs, so it opens without network):
 accuracy-matrix heat maps, retention curves per variant, graded retention, logit-lens curves by
 layer, first-decodable-layer histograms, layer-reversion curves, probe accuracies. Each carries
-a footer naming the model, sets, variants and seeds. Sections whose tables `factmem analyze`
-has not written are listed as missing, not drawn empty.
+a footer naming the model, sets, variants and seeds. Tables of each variant against its
+baseline in where facts are stored come from analysis/compare_layers.py. Sections whose
+tables `factmem analyze` has not written are listed as missing, not drawn empty.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from factmem import files
+from factmem.analysis import compare_layers
 from factmem.analysis.analyze import TABLES, collect_graded, collect_retention
 from factmem.compare import load_comparison
 from factmem.compare import to_markdown as compare_markdown
@@ -459,7 +461,7 @@ def sections(data: RunData, figdir: Path) -> list[Section]:
     out = [accuracy_section(data, figdir), comparison_section(data, figdir),
            retention_section(data, figdir), graded_section(data, figdir),
            *lens_sections(data, figdir), reversion_section(data, figdir),
-           probes_section(data, figdir)]
+           *layers_comparison_sections(data), probes_section(data, figdir)]
     return [s for s in out if s is not None]
 
 
@@ -563,6 +565,23 @@ def _reversion_row(rev: list[dict[str, Any]], key: tuple) -> list[Any]:
     return [v, s, st, mine[0]["set"], _pct(ref.get("none")), _pct(ref.get("all")),
             _pct(_mean(r["accuracy"] for r in layers)),
             f"{worst['group']} ({_pct(worst['accuracy'])})" if worst else "none"]
+
+
+def layers_comparison_sections(data: RunData) -> list[Section]:
+    """Variants against their baseline in where facts are stored (analysis/compare_layers.py;
+    the same tables as analysis/layers_comparison.md)."""
+    cl = compare_layers
+    lens, rev = data.summary.get(cl.LENS_KEY), data.summary.get(cl.REVERSION_KEY)
+    title = "Where facts are stored: variants against their baseline"
+    out = []
+    if lens is not None:
+        out.append(Section(title, cl.LENS_NOTE, cl.LENS_HEADERS, cl.lens_table(lens)))
+    if rev is not None:
+        out += [Section(f"{title}: layer reversion", cl.REVERSION_NOTE, cl.REVERSION_HEADERS,
+                        cl.reversion_table(rev)),
+                Section("Largest single-block drop: variants against their baseline", "",
+                        cl.DROP_HEADERS, cl.drop_table(rev))]
+    return out
 
 
 def probes_section(data: RunData, figdir: Path) -> Section | None:
