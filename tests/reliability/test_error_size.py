@@ -2,6 +2,7 @@
 YAML aliases are bounded. Before, a 1 KB alias bomb made a multi-megabyte (at depth, multi-GB)
 error line and a 100,000-item list a 300 KB one."""
 
+import json
 import re
 import time
 
@@ -85,3 +86,13 @@ def test_every_error_message_is_bounded_keeping_its_start_and_end():
     assert len(quote("z" * 100_000)) <= QUOTE_LIMIT + 40
     assert quote({"a": [1, 2]}) == "{'a': [1, 2]}"  # short values read as repr does
 
+
+def test_a_data_row_with_a_huge_value_gives_a_short_error(tmp_path):
+    from factmem.data import build_source
+    from factmem.data.local import JsonlParams
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": [{"k": i} for i in range(100_000)]}))
+    with pytest.raises(DataError) as info:
+        build_source("jsonl", JsonlParams(path=str(path)), None, 0, 0)
+    assert len(str(info.value)) < len(str(path)) + 200, str(info.value)[:300]
