@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from factmem import hub
 from factmem.config import ModelConfig
 from factmem.data.examples import Example
 from factmem.errors import DataError, ModelError, quote
@@ -161,6 +162,11 @@ def resolve_model_path(name: str) -> str:
             raise ModelError(  # a hub id (the hub would be tried with a minute of retries)
                 f"model directory {name} does not exist (its parent {p.parent} is a local "
                 "directory; for a hub id of that name, move or rename the local directory)")
+        why = hub.unreachable()  # asked once, in well under a second, instead of ~48 s of
+        if why is not None:  # retries inside from_pretrained
+            raise ModelError(f"model {name!r}: not a local directory, and "
+                             f"{hub.unreachable_hint(why)}, or give a local directory holding "
+                             "the model (config.json, weights, tokenizer)")
         return name  # a hub id: from_pretrained fetches it (or finds it in the HF cache)
     raise ModelError(
         f"model {name!r} not found: not an embedded model ({', '.join(EMBEDDED)}), "

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from factmem import hub
 from factmem.data.examples import Example, Kind, check_prompt_template
 from factmem.data.generic import GENERIC_PROMPT
 from factmem.data.local import Record, RowError, _check_records, as_text, read_records, text_items
@@ -104,6 +105,10 @@ def hub_rows(name: str | None, config: str | None, split: str, streaming_limit: 
     if name is None:
         raise DataError("this set has no hub dataset: give `path` to a local copy")
     where = f"{name}" + (f"/{config}" if config else "") + f"[{split}]"
+    why = hub.unreachable()  # at once, instead of a minute of retries inside load_dataset
+    if why is not None:
+        raise DataError(f"hub dataset {where}: {hub.unreachable_hint(why)}, or give `path` to a "
+                        "local copy")
     from datasets import load_dataset
 
     try:
