@@ -31,7 +31,7 @@ from factmem.data import Example
 from factmem.errors import FactmemError
 from factmem.evaluate import evaluate_examples, summarize
 from factmem.mixing import build_mixture
-from factmem.models import Formatter, describe, load_model, load_tokenizer
+from factmem.models import Formatter, describe, load_model, load_tokenizer, without_model_writes
 from factmem.plan import RunPlan, TokenCounter, plan_stage
 from factmem.results import summary_table, write_summary
 from factmem.reuse import StageReuse, reusable, stage_keys
@@ -43,7 +43,7 @@ from factmem.train.guard import FiniteGuard
 from factmem.train.lora import begin_stage, end_stage, is_adapter_model
 from factmem.train.regularizers import build_regularizers
 from factmem.train.retention import retention_callbacks
-from factmem.validate import check_set, model_context
+from factmem.validate import check_set, check_special_tokens, model_context
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ def prepare(exp: Experiment) -> Prepared:
             counters[fkey] = TokenCounter(Formatter.for_model(tokenizers[tkey], cfg.model),
                                           contexts[tkey])
         count = counters[fkey]
+        for name, examples in sets.items():  # special tokens in the data, by file and line
+            check_special_tokens(name, cfg.sets[name], examples, count.fmt.specials)
         plan_variant(exp, vname, sets, count, plan, first_use)
         for name in cfg.track:
             count.lengths(sets[name])  # tokenised and checked: evaluated after every stage
@@ -130,7 +132,8 @@ def dry_run(exp: Experiment, output_dir: str | None = None, overwrite: bool = Fa
     """`factmem run --dry-run`: every check the real run makes before it writes (the same
     `prepare`, and the run directory read but not locked or written), and the plan. Returns the
     plan and a line on what the run would do with its directory."""
-    plan = prepare(exp).plan
+    with without_model_writes():  # an embedded model not yet converted is read in place
+        plan = prepare(exp).plan
     root = rundir.run_root(output_dir or exp.first_variant.output.dir, exp.name)
     if not root.exists() or not any(root.iterdir()):
         return plan, f"would write a new run directory {root}"

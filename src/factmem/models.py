@@ -9,11 +9,15 @@ once as safetensors under $FACTMEM_CACHE (default ~/.cache/factmem) and loads in
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from factmem import hub
 from factmem.config import ModelConfig
 from factmem.data.examples import Example
-from factmem.errors import DataError, ModelError
+from factmem.errors import DataError, ModelError, quote
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +45,53 @@ EMBEDDED = {
 PLAIN_USER, PLAIN_ASSISTANT, PLAIN_ANSWER_LEAD = "User: ", "\nAssistant:", " "
 
 
+# False while a dry run prepares (`without_model_writes`): an embedded model not yet converted is
+# then read from its GGUF file in place. A context variable rather than a parameter because the
+# loaders sit several calls below `prepare` (sets -> filter -> load_model).
+_CONVERT = contextvars.ContextVar("factmem_convert_embedded", default=True)
+
+
+@contextlib.contextmanager
+def without_model_writes() -> Iterator[None]:
+    """Within: no embedded model is converted into the cache (`--dry-run` writes nothing)."""
+    token = _CONVERT.set(False)
+    try:
+        yield
+    finally:
+        _CONVERT.reset(token)
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("FACTMEM_CACHE", Path.home() / ".cache" / "factmem"))
+    """$FACTMEM_CACHE, or ~/.cache/factmem when it is unset or empty (as for XDG_CACHE_HOME: an
+    empty value used to mean the current directory, where a dry run wrote a 517 MB model). A
+    relative path is refused for the same reason, and so is a path under a regular file."""
+    raw = os.environ.get("FACTMEM_CACHE", "")
+    if not raw.strip():
+        return Path.home() / ".cache" / "factmem"
+    where = f"FACTMEM_CACHE={quote(raw)}"
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        raise ModelError(f"{where}: not an absolute path (the model cache must not depend on the "
+                         "current directory); give an absolute directory, or unset it for "
+                         "~/.cache/factmem")
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            raise ModelError(f"{where}: {part} is a file, not a directory; give a directory")
+    return path
 
 
-def embedded_model_dir(name: str) -> Path:
-    """A local directory holding the embedded model in safetensors, converting it on first use."""
+def _check_writable(target: Path) -> None:
+    """Refuse, before the ~20 s conversion, a cache where the converted model cannot be saved."""
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ModelError(f"model cache {target.parent}: {existing} is not writable (the embedded "
+                         "model is converted there once); set FACTMEM_CACHE to a writable "
+                         "directory")
+
+
+def _embedded_gguf(name: str) -> tuple[Path, str]:
+    """(directory, file name) of the embedded model's GGUF file, inside its Python package."""
     package, gguf_file = EMBEDDED[name]
-    target = cache_dir() / "models" / name
-    if (target / "config.json").is_file():
-        return target
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise ModelError(
@@ -59,6 +101,29 @@ def embedded_model_dir(name: str) -> Path:
     source_dir = Path(spec.origin).parent
     if not (source_dir / gguf_file).is_file():
         raise ModelError(f"embedded model {name!r}: {source_dir / gguf_file} is missing")
+    return source_dir, gguf_file
+
+
+def model_files(name: str) -> tuple[str, dict[str, Any]]:
+    """(path or hub id, extra `from_pretrained` arguments) to load model `name` from. Within
+    `without_model_writes`, an embedded model not yet converted is its GGUF file, read in place
+    (the cache is still checked, so the dry run refuses what the run would)."""
+    if name in EMBEDDED and not _CONVERT.get():
+        target = cache_dir() / "models" / name
+        if not (target / "config.json").is_file():
+            _check_writable(target)
+            source_dir, gguf_file = _embedded_gguf(name)
+            return str(source_dir), {"gguf_file": gguf_file}
+    return resolve_model_path(name), {}
+
+
+def embedded_model_dir(name: str) -> Path:
+    """A local directory holding the embedded model in safetensors, converting it on first use."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    source_dir, gguf_file = _embedded_gguf(name)
+    _check_writable(target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting embedded model %s from GGUF (once; cached in %s)", name, target)
@@ -97,6 +162,11 @@ def resolve_model_path(name: str) -> str:
             raise ModelError(  # a hub id (the hub would be tried with a minute of retries)
                 f"model directory {name} does not exist (its parent {p.parent} is a local "
                 "directory; for a hub id of that name, move or rename the local directory)")
+        why = hub.unreachable()  # asked once, in well under a second, instead of ~48 s of
+        if why is not None:  # retries inside from_pretrained
+            raise ModelError(f"model {name!r}: not a local directory, and "
+                             f"{hub.unreachable_hint(why)}, or give a local directory holding "
+                             "the model (config.json, weights, tokenizer)")
         return name  # a hub id: from_pretrained fetches it (or finds it in the HF cache)
     raise ModelError(
         f"model {name!r} not found: not an embedded model ({', '.join(EMBEDDED)}), "
@@ -115,9 +185,10 @@ def pick_dtype(name: str) -> torch.dtype:
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(cfg.name)
+    path, extra = model_files(cfg.name)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code,
+                                            **extra)
     except (OSError, ValueError) as e:
         raise ModelError(
             f"model {cfg.name!r}: cannot load its tokenizer ({_first_line(e)})") from None
@@ -131,7 +202,7 @@ def load_model(cfg: ModelConfig, path: str | None = None):
     """The model in train mode. `path` loads a checkpoint instead of `cfg.name`."""
     from transformers import AutoModelForCausalLM
 
-    path = path or resolve_model_path(cfg.name)
+    path, extra = (path, {}) if path else model_files(cfg.name)
     attn = cfg.attn_implementation or "sdpa"
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -139,7 +210,8 @@ def load_model(cfg: ModelConfig, path: str | None = None):
             dtype=pick_dtype(cfg.dtype),
             trust_remote_code=cfg.trust_remote_code,
             attn_implementation=attn,
-            use_safetensors=None if path == cfg.name else True,
+            use_safetensors=None if path == cfg.name or extra else True,
+            **extra,
         )
     except (OSError, ValueError) as e:
         raise ModelError(f"model {cfg.name!r}: cannot load ({_first_line(e)})") from None
@@ -197,6 +269,11 @@ class Formatter:
         if eos is None:
             raise ModelError("the tokenizer has no end-of-sequence token: answers could not end")
         self.eos_id = tokenizer.eos_token_id
+        self.specials = special_token_pattern(tokenizer)  # user text must not hold them
+        found = self.specials and system_prompt and self.specials.search(system_prompt)
+        if found:
+            raise ModelError(f"model.system_prompt holds {found.group()!r}, a special token of "
+                             "the model's tokenizer; remove it")
         # The plain template starts with BOS when the tokenizer itself would add one (Llama-3
         # base adds it through its post-processor, not through `add_bos_token`): a base model
         # is probed the way it was trained. Chat templates write their own BOS, as in
@@ -308,6 +385,10 @@ class Formatter:
         return pieces[:-1]  # nothing after the final answer
 
     def encode(self, ex: Example) -> Encoded:
+        problem = special_token_problem(ex, self.specials)
+        if problem is not None:
+            line = f" (line {ex.meta['line']})" if "line" in ex.meta else ""
+            raise DataError(f"example {ex.id}{line}: {problem}")
         ids: list[int] = []
         labels: list[int] = []
         prompt_len = 0
@@ -326,6 +407,36 @@ class Formatter:
         """The example with its final answer replaced (exact match against an alias)."""
         turns = (*ex.messages[:-1], ("assistant", answer))
         return self.encode(Example(ex.id, turns, ex.answers, ex.kind))
+
+
+def special_token_pattern(tokenizer) -> re.Pattern[str] | None:
+    """A regex for the strings the tokenizer turns into special tokens wherever they stand in
+    text (`<|im_end|>`, BOS/EOS/PAD/UNK strings, every added token marked special)."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    tokens = {*tokenizer.all_special_tokens, *(t.content for t in added.values() if t.special)}
+    longest_first = sorted((t for t in tokens if t), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, longest_first))) if longest_first else None
+
+
+def special_token_problem(ex: Example, specials: re.Pattern[str] | None) -> str | None:
+    """What is wrong when a turn or an accepted answer of `ex` holds a special token's string
+    (None when none does). Text is tokenised with the template around it, so `Paris<|im_end|>x`
+    would train the answer `Paris` and an end of turn, while the gold keeps the whole string: a
+    question or answer could end its turn early or open a new one. Such items are refused."""
+    if specials is None:
+        return None
+    last_user = max((k for k, (r, _) in enumerate(ex.messages) if r == "user"), default=-1)
+    texts = [("the answer" if k == len(ex.messages) - 1 else "the question" if k == last_user
+              else f"turn {k + 1} ({role})", content)
+             for k, (role, content) in enumerate(ex.messages)]
+    texts += [("an accepted answer", a) for a in ex.answers[1:]]
+    for what, content in texts:
+        found = specials.search(content)
+        if found:
+            return (f"{what} holds {found.group()!r}, a special token of the model's tokenizer "
+                    "(it would be read as that token, not as text, and change the chat "
+                    "structure); remove it from the data")
+    return None
 
 
 def _added_bos(tokenizer) -> int | None:

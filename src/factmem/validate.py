@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 
-from factmem.config import ModelConfig
+from factmem.config import ModelConfig, SetConfig
 from factmem.data import Example
 from factmem.errors import DataError, ModelError
-from factmem.models import Encoded, resolve_model_path
+from factmem.models import Encoded, model_files, special_token_problem
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +30,30 @@ def check_set(name: str, examples: list[Example]) -> None:
         seen[ex.id] = i
 
 
+def check_special_tokens(name: str, cfg: SetConfig, examples: list[Example],
+                         specials: re.Pattern[str] | None) -> None:
+    """No question or answer of set `name` holds a special token of the model's tokenizer,
+    named by file and line where the set comes from a file (Formatter.encode refuses the same
+    for every item it tokenises, naming the item's id)."""
+    path = getattr(cfg.params, "path", None)
+    for ex in examples:
+        problem = special_token_problem(ex, specials)
+        if problem is None:
+            continue
+        where = f"example {ex.id}"
+        if path is not None and "line" in ex.meta:
+            file = Path(path) / ex.meta["file"] if "file" in ex.meta else path
+            where = f"{file}:{ex.meta['line']}"
+        raise DataError(f"sets.{name}: {where}: {problem}")
+
+
 def model_context(cfg: ModelConfig) -> int | None:
     """The model's own context length (max_position_embeddings in its config), if it has one."""
     from transformers import AutoConfig
 
+    path, extra = model_files(cfg.name)
     try:
-        mc = AutoConfig.from_pretrained(resolve_model_path(cfg.name),
-                                        trust_remote_code=cfg.trust_remote_code)
+        mc = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **extra)
     except (OSError, ValueError) as e:  # e.g. custom code without trust_remote_code: true
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         if "trust_remote_code" in str(e) and not cfg.trust_remote_code:

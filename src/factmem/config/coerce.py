@@ -24,7 +24,7 @@ import typing
 from typing import Any, Literal
 
 from factmem.data import get_source
-from factmem.errors import ConfigError
+from factmem.errors import ConfigError, quote
 
 
 class _Invalid(ValueError):
@@ -58,7 +58,7 @@ def _as_list(value: Any, path: str) -> list:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise _Invalid(path, f"expected a list, got {value!r}")
+        raise _Invalid(path, f"expected a list, got {quote(value)}")
     return value
 
 
@@ -114,7 +114,7 @@ def _coerce_union(value: Any, tp: Any, path: str) -> Any:
             errors.append(e)
     if len(errors) == 1:  # `X | None`: the error about X says more than "expected X or null"
         raise errors[0]
-    raise _Invalid(path, f"expected {_type_name(tp)}, got {value!r}")
+    raise _Invalid(path, f"expected {_type_name(tp)}, got {quote(value)}")
 
 
 def _coerce_literal(value: Any, tp: Any, path: str) -> Any:
@@ -122,7 +122,7 @@ def _coerce_literal(value: Any, tp: Any, path: str) -> Any:
     if value not in allowed:
         near = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise _Invalid(path, f"{value!r} is not one of {', '.join(map(repr, allowed))}{hint}")
+        raise _Invalid(path, f"{quote(value)} is not one of {', '.join(map(repr, allowed))}{hint}")
     return value
 
 
@@ -130,15 +130,15 @@ def _coerce_container(value: Any, tp: Any, path: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is list:
         if not isinstance(value, list):
-            raise _Invalid(path, f"expected a list, got {value!r}")
+            raise _Invalid(path, f"expected a list, got {quote(value)}")
         (item,) = args
         return [_coerce(v, item, _join(path, i)) for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise _Invalid(path, f"expected a list of {len(args)} values, got {value!r}")
+            raise _Invalid(path, f"expected a list of {len(args)} values, got {quote(value)}")
         return tuple(_coerce(v, a, _join(path, i)) for i, (v, a) in enumerate(zip(value, args)))
     if not isinstance(value, dict):
-        raise _Invalid(path, f"expected a mapping, got {value!r}")
+        raise _Invalid(path, f"expected a mapping, got {quote(value)}")
     _, vt = args
     return {str(k): _coerce(v, vt, _join(path, k)) for k, v in value.items()}
 
@@ -146,17 +146,17 @@ def _coerce_container(value: Any, tp: Any, path: str) -> Any:
 def _coerce_scalar(value: Any, tp: Any, path: str) -> Any:
     if tp is bool:
         if not isinstance(value, bool):
-            raise _Invalid(path, f"expected true/false, got {value!r}")
+            raise _Invalid(path, f"expected true/false, got {quote(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(path, f"expected an integer, got {value!r}")
+            raise _Invalid(path, f"expected an integer, got {quote(value)}")
         return value
     if tp is float:
         return _coerce_float(value, path)
     if tp is str:
         if not isinstance(value, str):
-            raise _Invalid(path, f"expected a string, got {value!r}")
+            raise _Invalid(path, f"expected a string, got {quote(value)}")
         return value
     raise TypeError(f"unsupported config type {tp!r} at {path}")  # a bug in factmem, not input
 
@@ -166,9 +166,9 @@ def _coerce_float(value: Any, path: str) -> float:
         with contextlib.suppress(ValueError):
             value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Invalid(path, f"expected a number, got {value!r}")
+        raise _Invalid(path, f"expected a number, got {quote(value)}")
     if not math.isfinite(value):  # `.nan`, `.inf`, `1e999`: no setting means anything there
-        raise _Invalid(path, f"must be a finite number, got {value!r}")
+        raise _Invalid(path, f"must be a finite number, got {quote(value)}")
     return float(value)
 
 
@@ -181,7 +181,7 @@ def parse(cls: type, data: Any, path: str = "", extra_ok: bool = False) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise _Invalid(path, f"expected a mapping, got {data!r}")
+        raise _Invalid(path, f"expected a mapping, got {quote(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "params"}
     if not extra_ok:
@@ -213,7 +213,7 @@ def _parse_with_source_params(cls: type, data: Any, path: str,
     if common is None:
         common = _own_keys(cls)
     if not isinstance(data, dict):
-        raise _Invalid(path, f"expected a mapping with a `source` key, got {data!r}")
+        raise _Invalid(path, f"expected a mapping with a `source` key, got {quote(data)}")
     if "source" not in data:
         raise _Invalid(path, "missing required key 'source'")
     try:

@@ -22,7 +22,7 @@ import yaml
 
 from factmem.config.coerce import _Invalid, _unknown_ref
 from factmem.config.schema import ExperimentConfig
-from factmem.config.yaml_io import DuplicateKeyError, load_yaml_text
+from factmem.config.yaml_io import LoaderError, load_yaml_text
 from factmem.errors import ConfigError
 
 
@@ -51,7 +51,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, value = text.split("=", 1)
     try:
         return key.strip(), load_yaml_text(value) if value.strip() else None
-    except DuplicateKeyError as e:
+    except LoaderError as e:
         raise ConfigError(f"--set {text!r}: {e}") from None
     except yaml.YAMLError:
         raise ConfigError(f"--set {text!r}: the value is not valid YAML") from None

@@ -1,4 +1,6 @@
-"""Reading YAML: duplicate keys refused (naming both lines) and YAML 1.2 booleans.
+"""Reading YAML: duplicate keys refused (naming both lines), YAML 1.2 booleans, and aliases
+bounded (a 1 KB "billion laughs" file expands to billions of values: every later step, from
+the config comparison to an error quoting the value, would walk them all).
 
 Config files and `--set` values both go through `load_yaml_text`; `read_yaml` turns every
 failure into a one-line ConfigError naming the file and, where known, the line and column.
@@ -12,20 +14,63 @@ from typing import Any
 
 import yaml
 
-from factmem.errors import ConfigError
+from factmem.errors import ConfigError, quote
+
+MAX_ALIAS_VALUES = 100_000  # values that aliases may add; a real config has a few hundred
 
 
-class DuplicateKeyError(yaml.YAMLError):
+class LoaderError(yaml.YAMLError):
+    """A YAML text that parses but that factmem refuses; `line` is 1-based (None: unknown)."""
+
+    def __init__(self, message: str, line: int | None = None):
+        super().__init__(message)
+        self.line = line
+
+
+class DuplicateKeyError(LoaderError):
     """A mapping names the same key twice (plain YAML lets the last one silently win)."""
 
     def __init__(self, key: Any, first_line: int, line: int):
         where = f"lines {first_line} and {line}" if line != first_line else f"twice on line {line}"
-        super().__init__(f"duplicate key {key!r} ({where}); keep one of them")
-        self.key, self.first_line, self.line = key, first_line, line
+        super().__init__(f"duplicate key {quote(key)} ({where}); keep one of them", line)
+        self.key, self.first_line = key, first_line
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping, naming both lines."""
+    """yaml.SafeLoader that refuses a key given twice in one mapping, naming both lines, and
+    aliases that expand past MAX_ALIAS_VALUES values or refer to a value containing them."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._values = 0  # nodes composed so far, aliases counted at their expanded size
+        self._alias_values = 0  # of which aliases added
+        self._sizes: dict[str, int] = {}  # anchor -> expanded size of its value
+        self._open: set[str] = set()  # anchors whose value is being composed
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            line = event.start_mark.line + 1
+            if event.anchor in self._open:
+                raise LoaderError(f"alias *{event.anchor} refers to a value that contains it "
+                                  "(a recursive value); write the value out", line)
+            node = super().compose_node(parent, index)
+            size = self._sizes.get(event.anchor, 1)
+            self._values += size
+            self._alias_values += size
+            if self._alias_values > MAX_ALIAS_VALUES:
+                raise LoaderError(f"aliases expand to more than {MAX_ALIAS_VALUES:,} values (at "
+                                  f"alias *{event.anchor}); write the values out", line)
+            return node
+        start, anchor = self._values, event.anchor
+        if anchor is not None:
+            self._open.add(anchor)
+        node = super().compose_node(parent, index)
+        self._values += 1
+        if anchor is not None:
+            self._open.discard(anchor)
+            self._sizes[anchor] = self._values - start
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -53,8 +98,12 @@ UniqueKeyLoader.add_implicit_resolver(
 
 
 def load_yaml_text(text: str) -> Any:
-    """YAML -> Python with duplicate keys refused (config files and `--set` values)."""
-    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass: safe
+    """YAML -> Python with duplicate keys and alias bombs refused (config files and `--set`
+    values)."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass: safe
+    except RecursionError:  # PyYAML composes recursively: ~300 levels of [[[...]]] exhaust it
+        raise LoaderError("values nested too deeply") from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -65,8 +114,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raw = load_yaml_text(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    except DuplicateKeyError as e:
-        raise ConfigError(f"{path}:{e.line}: {e}") from None
+    except LoaderError as e:
+        raise ConfigError(f"{path}{'' if e.line is None else f':{e.line}'}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from factmem.data.examples import Example, make_id
+from factmem.data.examples import Example, check_prompt_template, make_id
 from factmem.data.registry import register_source
 
 ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kl", "l", "m", "n", "p", "qu", "r",
@@ -122,8 +122,7 @@ class EntitiesParams:
         if bad or not self.relations:
             raise ValueError(f"relations: unknown {bad or 'none given'}; valid: "
                              f"{', '.join(RELATION_NAMES)}")
-        if "{question}" not in self.prompt_template:
-            raise ValueError("prompt_template: must contain {question}")
+        check_prompt_template(self.prompt_template)
 
 
 @register_source("entities", EntitiesParams, kind="factoid", unbounded=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -76,6 +77,24 @@ class Example:
         }
 
 
-def make_id(source: str, index: int, seed: int = 0) -> str:
+def make_id(source: str, index: int | str, seed: int = 0) -> str:
     """`kvr:17`; a non-default data seed shows in the id (`kvr@3:17`) so ids never collide."""
     return f"{source}:{index}" if seed == 0 else f"{source}@{seed}:{index}"
+
+
+def check_prompt_template(template: str) -> None:
+    """A source's `prompt_template` fills in `{question}` and nothing else: any other field
+    (`{context}`), attribute or index (`{question.upper}`) or a stray brace would fail on the
+    first row, or print Python's view of the value. Raises ValueError naming the key."""
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template)
+                  if f is not None]
+    except ValueError as e:  # "Single '}' encountered in format string"
+        raise ValueError(f"prompt_template: {e}; write a literal brace as {{{{ or }}}}") from None
+    for f, spec, conv in fields:
+        written = "{" + f + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+        if f != "question" or spec or conv:
+            raise ValueError(f"prompt_template: unknown field {written}; only {{question}} is "
+                             "filled in, as it is (write a literal brace as {{ or }})")
+    if not fields:
+        raise ValueError("prompt_template: must contain {question}")

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from factmem.data.examples import Example, make_id
-from factmem.data.local import read_records
+from factmem.data.local import RowError, as_text, read_records
 from factmem.data.registry import register_source, select
+from factmem.errors import DataError
 
 GENERIC_PROMPT = "Complete the following partial passage:\n\n{text}"
 
@@ -63,6 +64,17 @@ def builtin_documents() -> tuple[tuple[str, str], ...]:
     return tuple(docs)
 
 
+def file_documents(path: str, field: str) -> list[tuple[str, str]]:
+    """(line, text) of every row of a local file."""
+    docs = []
+    for r in read_records(path, required=(field,)):
+        try:
+            docs.append((str(r.line), as_text(r.data[field], field)))
+        except RowError as e:
+            raise DataError(f"{path}:{r.line}: {e}") from None
+    return docs
+
+
 def passages(docs: list[tuple[str, str]], words_per_passage: int, windows_per_doc: int | None):
     """Non-overlapping word windows, documents shorter than one window skipped."""
     out = []
@@ -85,8 +97,7 @@ def generic(params: GenericParams, n: int | None, offset: int, seed: int) -> lis
     if params.path is None:
         docs, windows, what = list(builtin_documents()), params.windows_per_doc, "built-in corpus"
     else:
-        rows = read_records(params.path, required=(params.text_field,))
-        docs = [(str(r.line), str(r.data[params.text_field])) for r in rows]
+        docs = file_documents(params.path, params.text_field)
         windows, what = params.windows_per_doc or 1, params.path
     size = params.prompt_words + params.target_words
     pool = passages(docs, size, windows)

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factmem.data.examples import Example, Kind
+from factmem import hub
+from factmem.data.examples import Example, Kind, check_prompt_template
 from factmem.data.generic import GENERIC_PROMPT
-from factmem.data.local import Record, _check_records, read_records
+from factmem.data.local import Record, RowError, _check_records, as_text, read_records, text_items
 from factmem.data.registry import register_source, select
 from factmem.errors import DataError
 from factmem.scoring import MatchKind
@@ -32,10 +33,6 @@ from factmem.scoring import MatchKind
 log = logging.getLogger(__name__)
 
 QA_PROMPT = "{question}\nThe answer is: "
-
-
-class RowError(ValueError):
-    """A row that cannot be mapped; `build_examples` adds file and line."""
 
 
 @dataclass
@@ -63,6 +60,11 @@ class HubParams:
     shuffle: bool = False
     """shuffle the rows by the set's `seed` before `offset`/`n` select (ids stay the row's)"""
 
+    def __post_init__(self) -> None:
+        template = getattr(self, "prompt_template", None)  # the QA sets' user turn
+        if template is not None:
+            check_prompt_template(template)
+
 
 # --------------------------------------------------------------------------------------------
 # Shared machinery
@@ -74,6 +76,11 @@ def need(row: dict[str, Any], name: str) -> Any:
     return row[name]
 
 
+def need_text(row: dict[str, Any], name: str) -> str:
+    """A text field that must be there (a string, or an integer written out)."""
+    return as_text(need(row, name), name)
+
+
 def text_list(value: Any, what: str) -> list[str]:
     """A list of strings, or a JSON-encoded list (PopQA, APPS store lists as JSON strings)."""
     if isinstance(value, str) and value.lstrip().startswith("["):
@@ -81,15 +88,14 @@ def text_list(value: Any, what: str) -> list[str]:
             value = json.loads(value)
         except json.JSONDecodeError as e:
             raise RowError(f"field {what!r}: malformed JSON list ({e.msg})") from None
-    vals = value if isinstance(value, list) else [value]
-    out = [str(v).strip() for v in vals if v is not None and str(v).strip()]
+    out = [v.strip() for v in text_items(value, what)]
     if not out:
         raise RowError(f"field {what!r}: no answer")
     return list(dict.fromkeys(out))
 
 
 def qa_item(question: str, answers: list[str], template: str = "{question}", **meta) -> Item:
-    prompt = template.format(question=str(question).strip())
+    prompt = template.format(question=question.strip())
     return Item((("user", prompt), ("assistant", answers[0])), tuple(answers), meta)
 
 
@@ -99,6 +105,10 @@ def hub_rows(name: str | None, config: str | None, split: str, streaming_limit: 
     if name is None:
         raise DataError("this set has no hub dataset: give `path` to a local copy")
     where = f"{name}" + (f"/{config}" if config else "") + f"[{split}]"
+    why = hub.unreachable()  # at once, instead of a minute of retries inside load_dataset
+    if why is not None:
+        raise DataError(f"hub dataset {where}: {hub.unreachable_hint(why)}, or give `path` to a "
+                        "local copy")
     from datasets import load_dataset
 
     try:
@@ -187,9 +197,9 @@ class PopQAParams(HubParams):
 
 
 def popqa_row(row: dict[str, Any], p: PopQAParams) -> Item:
-    answers = [str(need(row, "obj")).strip(), *text_list(need(row, "possible_answers"),
+    answers = [need_text(row, "obj").strip(), *text_list(need(row, "possible_answers"),
                                                           "possible_answers")]
-    return qa_item(need(row, "question"), list(dict.fromkeys(a for a in answers if a)),
+    return qa_item(need_text(row, "question"), list(dict.fromkeys(a for a in answers if a)),
                    p.prompt_template, subj=row.get("subj"), prop=row.get("prop"),
                    s_pop=row.get("s_pop"))
 
@@ -213,14 +223,14 @@ def triviaqa_row(row: dict[str, Any], p: TriviaQAParams) -> Item:
         ans = need(row, "Answer")
         value = ans.get("Value")
         aliases = [*ans.get("Aliases", []), *ans.get("NormalizedAliases", [])]
-        question, qid = row["Question"], row.get("QuestionId")
+        question, qid = need_text(row, "Question"), row.get("QuestionId")
     else:  # the hub's rc / rc.nocontext schema
         ans = need(row, "answer")
         if not isinstance(ans, dict):
             raise RowError(f"field 'answer': expected an object, got {type(ans).__name__}")
         value = ans.get("value")
         aliases = [*ans.get("aliases", []), *ans.get("normalized_aliases", [])]
-        question, qid = need(row, "question"), row.get("question_id")
+        question, qid = need_text(row, "question"), row.get("question_id")
     if not value:
         raise RowError("the answer has no value")
     return qa_item(question, text_list([value, *aliases], "answer"), p.prompt_template,
@@ -248,7 +258,7 @@ class EntityQuestionsParams(HubParams):
 
 
 def entityquestions_row(row: dict[str, Any], p: EntityQuestionsParams) -> Item:
-    return qa_item(need(row, "question"), text_list(need(row, "answers"), "answers"),
+    return qa_item(need_text(row, "question"), text_list(need(row, "answers"), "answers"),
                    p.prompt_template)
 
 
@@ -373,8 +383,12 @@ def lama_templates(params: LAMAParams) -> dict[str, str]:
         beside = Path(params.path).parent / "relations.jsonl" if params.path else None
         rel = beside if beside is not None and beside.is_file() else None
     if rel is not None:
-        templates.update({str(r.data["relation"]): str(r.data["template"])
-                          for r in read_records(rel, ("relation", "template"))})
+        for r in read_records(rel, ("relation", "template")):
+            try:
+                templates[as_text(r.data["relation"], "relation")] = as_text(r.data["template"],
+                                                                       "template")
+            except RowError as e:
+                raise DataError(f"{rel}:{r.line}: {e}") from None
     return templates
 
 
@@ -384,18 +398,19 @@ def lama(params: LAMAParams, n: int | None, offset: int, seed: int) -> list[Exam
     templates = lama_templates(params)
 
     def row_fn(row: dict[str, Any], p: LAMAParams) -> Item:
-        subject, obj = need(row, "sub_label"), str(need(row, "obj_label"))
+        subject, obj = need_text(row, "sub_label"), need_text(row, "obj_label")
         if "pred" in row:  # Google-RE
             template = GOOGLE_RE_TEMPLATES.get(row["pred"])
             relation = row["pred"]
         else:
             relation = need(row, "predicate_id")
-            template = row.get("template") or templates.get(relation)
+            template = (as_text(row["template"], "template") if row.get("template")
+                        else templates.get(relation))
         if template is None:
             raise RowError(f"no template for relation {relation!r} (not one of LAMA's "
                            f"{len(TREX_TEMPLATES)} T-REx relations; give `relations_path`, a "
                            "file of {relation, template} rows)")
-        aliases = [a for a in row.get("obj_aliases") or [] if isinstance(a, str)]
+        aliases = text_items(row.get("obj_aliases") or [], "obj_aliases")
         return qa_item(lama_question(template, subject), text_list([obj, *aliases], "obj_label"),
                        p.prompt_template, relation=relation, subject=subject)
 
@@ -435,9 +450,10 @@ def sempre_answers(target: str) -> list[str]:
 
 def webquestions_row(row: dict[str, Any], p: WebQuestionsParams) -> Item:
     if "utterance" in row:  # SEMPRE's original release
-        question, answers = row["utterance"], sempre_answers(str(need(row, "targetValue")))
+        question, answers = need_text(row, "utterance"), sempre_answers(
+            need_text(row, "targetValue"))
     else:
-        question, answers = need(row, "question"), need(row, "answers")
+        question, answers = need_text(row, "question"), need(row, "answers")
     item = qa_item(question, text_list(answers, "answers"), p.prompt_template,
                    match=MatchKind.CONTAINS)
     return item
@@ -460,10 +476,10 @@ class GSM8KParams(HubParams):
 
 
 def gsm8k_row(row: dict[str, Any], p: GSM8KParams) -> Item:
-    answer = str(need(row, "answer"))
+    answer = need_text(row, "answer")
     if "####" not in answer:
         raise RowError("field 'answer' has no final '#### n' line")
-    return Item((("user", str(need(row, "question"))), ("assistant", answer)), (answer,),
+    return Item((("user", need_text(row, "question")), ("assistant", answer)), (answer,),
                 {"match": MatchKind.NUMBER})
 
 
@@ -480,8 +496,8 @@ class MATHParams(HubParams):
 
 
 def math_row(row: dict[str, Any], p: MATHParams) -> Item:
-    solution = str(need(row, "solution"))
-    return Item((("user", str(need(row, "problem"))), ("assistant", solution)), (solution,),
+    solution = need_text(row, "solution")
+    return Item((("user", need_text(row, "problem")), ("assistant", solution)), (solution,),
                 {"match": MatchKind.BOXED, "level": row.get("level"), "type": row.get("type")})
 
 
@@ -517,9 +533,11 @@ def apps_row(row: dict[str, Any], p: APPSParams) -> Item | None:
         io_spec = json.loads(io_raw) if isinstance(io_raw, str) and io_raw.strip() else {}
     except json.JSONDecodeError:
         raise RowError("field 'input_output': malformed JSON") from None
-    prompt = apps_prompt(str(need(row, "question")), row.get("starter_code") or "",
+    prompt = apps_prompt(need_text(row, "question"), as_text(row.get("starter_code") or "",
+                                                          "starter_code"),
                          bool(io_spec.get("fn_name")))
-    return Item((("user", prompt), ("assistant", str(solutions[0]))), (str(solutions[0]),),
+    solution = as_text(solutions[0], "solutions[0]")
+    return Item((("user", prompt), ("assistant", solution)), (solution,),
                 {"difficulty": row["difficulty"], "problem_id": row.get("problem_id")})
 
 
@@ -534,8 +552,8 @@ class EvolCodeParams(HubParams):
 
 
 def evolcode_row(row: dict[str, Any], p: EvolCodeParams) -> Item:
-    output = str(need(row, "output"))
-    return Item((("user", str(need(row, "instruction"))), ("assistant", output)), (output,))
+    output = need_text(row, "output")
+    return Item((("user", need_text(row, "instruction")), ("assistant", output)), (output,))
 
 
 evolcode = _simple("evolcode", EvolCodeParams, "task", evolcode_row,
@@ -593,10 +611,7 @@ class CorpusParams(HubParams):
 
 
 def passage_row(row: dict[str, Any], p: CorpusParams) -> Item | None:
-    text = need(row, p.text_field)
-    if not isinstance(text, str):
-        raise RowError(f"field {p.text_field!r}: expected text, got {type(text).__name__}")
-    words = text.split()
+    words = need_text(row, p.text_field).split()
     if len(words) < p.prompt_words + p.target_words:  # the paper skips docs under 100 words
         return None
     target = " ".join(words[p.prompt_words : p.prompt_words + p.target_words])
