@@ -21,13 +21,15 @@ none spells a name.
                                     predictions/SET.jsonl, checkpoint/ (output.save_checkpoints),
                                     retention.jsonl (eval.retention_every), fisher.safetensors
                                     (EWC), reused_from.json (copied from an identical stage),
-                                    resume/ (weights to continue from; deleted once finished)
+                                    resume/ (weights to continue from; deleted once finished
+                                    and no other variant/seed is still to copy them)
     output.dir/.NAME.lock           the lock, beside the directory (see RunLock)
 
 Crash safety: a run killed at any moment (SIGKILL included) continues when the same command is
 run again. A variant/seed is finished when its accuracy.json exists (skipped, its record is read
 back); a stage is finished when its metrics.json exists (written last). The model after the last
-finished stage is kept in `resume/final/` until the variant/seed is finished; an unfinished stage
+finished stage is kept in `resume/final/` until the variant/seed is finished (and, for a stage
+that later variant/seeds copy, until they have: factmem.reuse); an unfinished stage
 continues from its in-stage checkpoint `resume/step-NNNNNN/` (factmem.train.checkpoint). Tensors
 are written with safetensors and everything else as JSON: nothing is ever unpickled.
 """
