@@ -1,10 +1,11 @@
 """Experiments: variants x seeds x stages -> a run directory -> the results table.
 
 `prepare` checks everything (config, data, tokenisation, model) before the run directory
-(factmem.rundir) is created. Then each variant/seed runs in short steps: restore the stages an
-earlier run finished (or copy those an identical variant/seed trained, factmem.reuse), evaluate
-the base model, run each remaining stage (train, evaluate, record), and finish with the accuracy
-record. A run killed at any moment continues when the same command is run again.
+(factmem.rundir) is created. Then each variant/seed runs (in turn, or several at a time in worker
+processes: factmem.jobs) in short steps: restore the stages an earlier run finished (or copy
+those an identical variant/seed trained, factmem.reuse), evaluate the base model, run each
+remaining stage (train, evaluate, record), and finish with the accuracy record. A run killed at
+any moment continues when the same command is run again.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import yaml
 
 from factmem import distributed as dist
 from factmem import files, rundir
+from factmem import jobs as parallel
 from factmem.compare import comparison, write_comparison
 from factmem.config import EvalConfig, Experiment, ExperimentConfig, StageConfig, to_dict
 from factmem.data import Example
@@ -156,7 +158,12 @@ def run_experiment(
     output_dir: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    jobs: int = 1,
+    threads_per_job: int | None = None,
 ) -> dict[str, Any]:
+    """`factmem run`: `jobs` variant/seeds at a time, each in a process of its own if more than
+    one (factmem.jobs), with `threads_per_job` torch threads (default: its share of the cores)."""
+    parallel.check_jobs(jobs, threads_per_job)
     prepared = prepare(exp)
     root = rundir.run_root(output_dir or exp.first_variant.output.dir, exp.name)
     dist.check_fsdp_run([st for cfg in exp.variants.values() for st in cfg.stages])
@@ -167,7 +174,7 @@ def run_experiment(
         # its verdict, so that a refusal stops them all instead of leaving the others waiting
         main_process_decides(accelerator,
                              lambda: open_run_dir(exp, root, prepared.cache, lock, overwrite))
-        return run_all(exp, root, prepared, accelerator, progress)
+        return run_all(exp, root, prepared, accelerator, progress, jobs, threads_per_job)
     finally:
         lock.release()
 
@@ -209,16 +216,22 @@ def open_run_dir(exp: Experiment, root: Path, cache: SetCache, lock: rundir.RunL
         files.write_json(root / rundir.DATA_REPORT_FILE, cache.reports)
 
 
-def run_all(exp: Experiment, root: Path, prepared: Prepared, accelerator, progress: bool
-            ) -> dict[str, Any]:
-    """Every variant and seed in turn (in the locked run directory), then the summary and the
-    comparison with the baselines."""
+def run_all(exp: Experiment, root: Path, prepared: Prepared, accelerator, progress: bool,
+            jobs: int = 1, threads_per_job: int | None = None) -> dict[str, Any]:
+    """Every variant and seed (in the locked run directory): in turn, or `jobs` at a time in
+    worker processes; then the summary and the comparison with the baselines."""
     reuse = ReusePlan(exp, root, enabled=accelerator.num_processes == 1)
     if accelerator.num_processes > 1 and reuse.shared:
         log.info("stage reuse is off with %d processes (weights are not kept across variants): "
                  "variants that share stages train them again", accelerator.num_processes)
     timings = rundir.RunTimings(root, enabled=accelerator.is_main_process)
-    results = run_in_turn(exp, root, prepared, accelerator, progress, reuse, timings)
+    if jobs > 1:
+        results = parallel.run_parallel(exp, root, prepared.cache, reuse, timings, jobs,
+                                        threads_per_job)
+    else:
+        if threads_per_job:
+            torch.set_num_threads(threads_per_job)
+        results = run_in_turn(exp, root, prepared, accelerator, progress, reuse, timings)
     summary = summary_table(exp, results)
     if accelerator.is_main_process:
         write_summary(root, summary)
