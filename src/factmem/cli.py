@@ -10,16 +10,21 @@ import sys
 from factmem.errors import FactmemError
 
 log = logging.getLogger("factmem")
+# libraries whose INFO/WARNING chatter is not the user's business (factmem.jobs' workers too)
+QUIET_LOGGERS = ("transformers", "accelerate", "datasets", "urllib3", "filelock", "httpx",
+                 "huggingface_hub")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from factmem.config import load_experiment
     from factmem.experiment import dry_run, run_experiment
+    from factmem.jobs import check_jobs
     from factmem.plan import format_plan
     from factmem.results import to_markdown
 
     if args.no_progress:
         quiet_library_bars()
+    check_jobs(args.jobs, args.threads_per_job)
     exp = load_experiment(args.config, args.set)
     if args.dry_run:
         plan, where = dry_run(exp, output_dir=args.output, overwrite=args.overwrite)
@@ -32,7 +37,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(where)
         return 0
     summary = run_experiment(exp, output_dir=args.output, overwrite=args.overwrite,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, jobs=args.jobs,
+                             threads_per_job=args.threads_per_job)
     if not is_main_process():  # under `accelerate launch` every process gets here; one prints
         return 0
     print()
@@ -155,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "tokenizer; no weights) and print the plan: items, tokens and steps per "
                      "stage, total training tokens; writes nothing")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="run N variant/seeds at a time, each in a process of its own (one "
+                     "that copies another's stages waits for them); workers log to "
+                     "RUN_DIR/logs/, one line per finished stage here (default 1)")
+    run.add_argument("--threads-per-job", type=int, metavar="T",
+                     help="torch threads per job (default: the cores divided by --jobs)")
     run.set_defaults(fn=_cmd_run)
 
     data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_cmd", required=True)
@@ -211,8 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("transformers", "accelerate", "datasets", "urllib3", "filelock", "httpx",
-                  "huggingface_hub"):
+    for noisy in QUIET_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.fn(args)

@@ -1,10 +1,11 @@
 """Experiments: variants x seeds x stages -> a run directory -> the results table.
 
 `prepare` checks everything (config, data, tokenisation, model) before the run directory
-(factmem.rundir) is created. Then each variant/seed runs in short steps: restore the stages an
-earlier run finished (or an identical variant trained, factmem.reuse), evaluate the base model,
-run each remaining stage (train, evaluate, record), and finish with the accuracy record. A run
-killed at any moment continues when the same command is run again.
+(factmem.rundir) is created. Then each variant/seed runs (in turn, or several at a time in worker
+processes: factmem.jobs) in short steps: restore the stages an earlier run finished (or copy
+those an identical variant/seed trained, factmem.reuse), evaluate the base model, run each
+remaining stage (train, evaluate, record), and finish with the accuracy record. A run killed at
+any moment continues when the same command is run again.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import yaml
 
 from factmem import distributed as dist
 from factmem import files, rundir
+from factmem import jobs as parallel
 from factmem.compare import comparison, write_comparison
 from factmem.config import EvalConfig, Experiment, ExperimentConfig, StageConfig, to_dict
 from factmem.data import Example
@@ -34,13 +35,13 @@ from factmem.mixing import build_mixture
 from factmem.models import Formatter, describe, load_model, load_tokenizer, without_model_writes
 from factmem.plan import RunPlan, TokenCounter, plan_stage
 from factmem.results import summary_table, write_summary
-from factmem.reuse import StageReuse, reusable, stage_keys
+from factmem.reuse import ReusePlan, unit_name
 from factmem.sets import SetCache
 from factmem.tracking import RunTracker, check_trackers
 from factmem.train import train_stage
 from factmem.train.checkpoint import StageCheckpointer, save_pretrained_dir
 from factmem.train.guard import FiniteGuard
-from factmem.train.lora import begin_stage, end_stage, is_adapter_model
+from factmem.train.lora import begin_stage, end_stage
 from factmem.train.regularizers import build_regularizers
 from factmem.train.retention import retention_callbacks
 from factmem.validate import check_set, check_special_tokens, model_context
@@ -85,7 +86,7 @@ def prepare(exp: Experiment) -> Prepared:
     contexts: dict[tuple[str, bool], int | None] = {}
     counters: dict[tuple[Any, ...], TokenCounter] = {}
     plan = RunPlan(exp.name, exp.first_variant.model.name)
-    first_use: dict[str, str] = {}  # stage key -> the variant/seed that trains it first
+    reuse = ReusePlan(exp)  # which stages are copied, not trained
     for vname, cfg in exp.variants.items():
         sets = cache.sets(cfg)
         for name, examples in sets.items():
@@ -101,7 +102,7 @@ def prepare(exp: Experiment) -> Prepared:
         count = counters[fkey]
         for name, examples in sets.items():  # special tokens in the data, by file and line
             check_special_tokens(name, cfg.sets[name], examples, count.fmt.specials)
-        plan_variant(exp, vname, sets, count, plan, first_use)
+        plan_variant(exp, vname, sets, count, plan, reuse)
         for name in cfg.track:
             count.lengths(sets[name])  # tokenised and checked: evaluated after every stage
             plan.tracked.setdefault(name, len(sets[name]))
@@ -109,12 +110,12 @@ def prepare(exp: Experiment) -> Prepared:
 
 
 def plan_variant(exp: Experiment, vname: str, sets: dict[str, list[Example]],
-                 count: TokenCounter, plan: RunPlan, first_use: dict[str, str]) -> None:
+                 count: TokenCounter, plan: RunPlan, reuse: ReusePlan) -> None:
     """The stages of one variant into `plan`, for every seed (mixing items are drawn per
     training seed: every mixture is built and tokenised)."""
     cfg = exp.variants[vname]
     for seed in cfg.seeds:
-        keys = stage_keys(cfg, seed)
+        src = reuse.sources.get((vname, seed))
         for k, stage in enumerate(cfg.stages):
             try:
                 mixture = build_mixture(cfg, k, sets, seed)
@@ -123,8 +124,7 @@ def plan_variant(exp: Experiment, vname: str, sets: dict[str, list[Example]],
                 raise type(e)(f"{exp.source}: {where}{e}") from None
             plan.stages.append(plan_stage(
                 vname, seed, stage, mixture, count,
-                reused_from=first_use.get(keys[k]) if reusable(stage) else None))
-            first_use.setdefault(keys[k], f"{vname}/seed{seed}")
+                reused_from=unit_name(src.unit) if src and k <= src.k else None))
 
 
 def dry_run(exp: Experiment, output_dir: str | None = None, overwrite: bool = False
@@ -161,7 +161,12 @@ def run_experiment(
     output_dir: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    jobs: int = 1,
+    threads_per_job: int | None = None,
 ) -> dict[str, Any]:
+    """`factmem run`: `jobs` variant/seeds at a time, each in a process of its own if more than
+    one (factmem.jobs), with `threads_per_job` torch threads (default: its share of the cores)."""
+    parallel.check_jobs(jobs, threads_per_job)
     prepared = prepare(exp)
     root = rundir.run_root(output_dir or exp.first_variant.output.dir, exp.name)
     dist.check_fsdp_run([st for cfg in exp.variants.values() for st in cfg.stages])
@@ -172,7 +177,7 @@ def run_experiment(
         # its verdict, so that a refusal stops them all instead of leaving the others waiting
         main_process_decides(accelerator,
                              lambda: open_run_dir(exp, root, prepared.cache, lock, overwrite))
-        return run_all(exp, root, prepared, accelerator, progress)
+        return run_all(exp, root, prepared, accelerator, progress, jobs, threads_per_job)
     finally:
         lock.release()
 
@@ -214,17 +219,41 @@ def open_run_dir(exp: Experiment, root: Path, cache: SetCache, lock: rundir.RunL
         files.write_json(root / rundir.DATA_REPORT_FILE, cache.reports)
 
 
-def run_all(exp: Experiment, root: Path, prepared: Prepared, accelerator,
-            progress: bool) -> dict[str, Any]:
-    """Every variant and seed in turn (in the locked run directory), then the summary and the
-    comparison with the baselines."""
-    paths = rundir.RunPaths(root)
-    reuse = StageReuse(exp, enabled=accelerator.num_processes == 1)
-    if accelerator.num_processes > 1 and any(n > 1 for n in reuse.uses.values()):
+def run_all(exp: Experiment, root: Path, prepared: Prepared, accelerator, progress: bool,
+            jobs: int = 1, threads_per_job: int | None = None) -> dict[str, Any]:
+    """Every variant and seed (in the locked run directory): in turn, or `jobs` at a time in
+    worker processes; then the summary and the comparison with the baselines."""
+    reuse = ReusePlan(exp, root, enabled=accelerator.num_processes == 1)
+    if accelerator.num_processes > 1 and reuse.shared:
         log.info("stage reuse is off with %d processes (weights are not kept across variants): "
                  "variants that share stages train them again", accelerator.num_processes)
-    results: dict[str, dict[int, dict[str, Any]]] = {}
     timings = rundir.RunTimings(root, enabled=accelerator.is_main_process)
+    if jobs > 1:
+        results = parallel.run_parallel(exp, root, prepared.cache, reuse, timings, jobs,
+                                        threads_per_job)
+    else:
+        if threads_per_job:
+            torch.set_num_threads(threads_per_job)
+        results = run_in_turn(exp, root, prepared, accelerator, progress, reuse, timings)
+    summary = summary_table(exp, results)
+    if accelerator.is_main_process:
+        write_summary(root, summary)
+        comp = comparison(root, exp)
+        if comp is not None:
+            write_comparison(root, comp)
+            summary["comparison"] = comp
+    accelerator.wait_for_everyone()
+    summary["run_dir"] = str(root)
+    return summary
+
+
+def run_in_turn(exp: Experiment, root: Path, prepared: Prepared, accelerator, progress: bool,
+                reuse: ReusePlan, timings: rundir.RunTimings
+                ) -> dict[str, dict[int, dict[str, Any]]]:
+    """Every variant and seed, one after the other, in this process (and the others of an
+    `accelerate launch`): their accuracy records."""
+    paths = rundir.RunPaths(root)
+    results: dict[str, dict[int, dict[str, Any]]] = {}
     for vname, cfg in exp.variants.items():
         results[vname] = {}
         for seed in cfg.seeds:
@@ -239,16 +268,9 @@ def run_all(exp: Experiment, root: Path, prepared: Prepared, accelerator,
                 timings.keep_earlier(f"{vname}/seed{seed}", cfg, seed_dir)
             else:
                 timings.record(f"{vname}/seed{seed}", time.perf_counter() - t0)
-    summary = summary_table(exp, results)
-    if accelerator.is_main_process:
-        write_summary(root, summary)
-        comp = comparison(root, exp)
-        if comp is not None:
-            write_comparison(root, comp)
-            summary["comparison"] = comp
-    accelerator.wait_for_everyone()
-    summary["run_dir"] = str(root)
-    return summary
+            if accelerator.is_main_process:  # weights kept for it that it has copied now
+                reuse.sweep()
+    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +289,7 @@ class SeedRun:
     accelerator: Any
     out: Path
     progress: bool
-    reuse: StageReuse | None
+    reuse: ReusePlan | None
     tracker: RunTracker
     model: Any = None
     fmt: Formatter | None = None
@@ -278,9 +300,9 @@ class SeedRun:
     def main(self) -> bool:
         return self.accelerator.is_main_process
 
-    @cached_property
-    def keys(self) -> list[str]:
-        return stage_keys(self.cfg, self.seed)
+    @property
+    def unit(self) -> tuple[str, int]:
+        return self.variant, self.seed
 
     @property
     def tracked(self) -> dict[str, list[Example]]:
@@ -302,14 +324,12 @@ def run_variant_seed(
     accelerator,
     out: Path,
     progress: bool,
-    reuse: StageReuse | None = None,
+    reuse: ReusePlan | None = None,
 ) -> dict[str, Any]:
     """Train one variant with one seed through all stages; returns its accuracy record.
     Continues an interrupted run: finished stages in `out` are skipped (factmem.rundir)."""
     if rundir.is_seed_finished(out):
         log.info("%s seed%d: finished in an earlier run, skipped", variant, seed)
-        if reuse:
-            reuse.finished(stage_keys(cfg, seed))
         return files.read_json(rundir.accuracy_file(out))
     # out = RUN_DIR/VARIANT/seedS; trackers log on the main process only
     tracker = RunTracker(cfg.output.report_to, out.parents[1], cfg.name,
@@ -328,6 +348,8 @@ def run_stages(run: SeedRun) -> dict[str, Any]:
     run.model = load_model(run.cfg.model)
     done, reused = restore_stages(run)
     run.model = dist.prepare_model(run.model, run.accelerator)  # sharded under FSDP
+    if done >= 0:
+        save_copied_checkpoint(run, done)
     run.offset = tracking_offset(run, done, reused)
     if done < 0:
         evaluate_base(run)
@@ -337,20 +359,11 @@ def run_stages(run: SeedRun) -> dict[str, Any]:
 
 
 def restore_stages(run: SeedRun) -> tuple[int, bool]:
-    """Load the model after the stages already run: by an earlier run in `out`, or else by an
-    identical variant of this run. Returns (index of the last of them or -1, whether reused)."""
-    keys = run.keys
-    done = restore_finished(run.cfg, run.out, run.model, run.matrix)
-    if done >= 0:
-        if run.reuse:
-            run.reuse.offer(keys[done], run.model, run.matrix, run.out, done)
-        return done, False
-    if not run.reuse:
-        return -1, False
-    done = run.reuse.restore(keys, run.model, run.matrix, run.out)
-    if done >= 0 and run.main:  # on disk too, so that a crash later on does not lose them
-        rundir.save_stage_weights(run.model, rundir.stage_path(run.out, run.cfg, done))
-    return done, done >= 0
+    """Load the model after the stages already run: by an earlier run in `out`, or by an
+    identical variant/seed, whose stages are copied into `out` first (factmem.reuse). Returns
+    (index of the last of them or -1, whether they were copied now)."""
+    copied = run.reuse is not None and run.main and run.reuse.copy_source(run.unit) >= 0
+    return restore_finished(run.cfg, run.out, run.model, run.matrix), copied
 
 
 def restore_finished(cfg: ExperimentConfig, out: Path, model, matrix: dict) -> int:
@@ -375,6 +388,15 @@ def restore_finished(cfg: ExperimentConfig, out: Path, model, matrix: dict) -> i
     log.info("%s: stages 1-%d finished earlier; continuing from %s", out, last + 1,
              rundir.final_weights_dir(stage_dir))
     return last
+
+
+def save_copied_checkpoint(run: SeedRun, done: int) -> None:
+    """The analysis checkpoint of the last stage restored, where the variant keeps one and it
+    has none: a copied stage whose source kept none (written from the weights after it)."""
+    stage = run.cfg.stages[done]
+    path = rundir.checkpoint_dir(rundir.stage_path(run.out, run.cfg, done))
+    if run.cfg.output.saves_checkpoint(stage.name) and not path.is_dir():
+        save_pretrained_dir(run.plain_model(), run.tokenizer, path, write=run.main)
 
 
 def tracking_offset(run: SeedRun, done: int, reused: bool) -> int:
@@ -454,8 +476,6 @@ def run_stage(run: SeedRun, k: int) -> None:
                **baseline_metrics(regularizers, parts.info)}
     record_stage(run, k, result.log, metrics, ckpt)
     log_stage(run.variant, run.seed, stage.name, result, run.matrix[stage.name])
-    if run.reuse and not is_adapter_model(run.plain_model()):  # plain weights only
-        run.reuse.offer(run.keys[k], run.plain_model(), run.matrix, run.out, k)
 
 
 def stage_callbacks(run: SeedRun, k: int, stage_dir: Path, ckpt: StageCheckpointer,
@@ -476,7 +496,7 @@ def record_stage(run: SeedRun, k: int, train_log: list[dict[str, Any]],
     stage as finished. Under FSDP every process takes part in saving weights; otherwise the
     main process writes."""
     stage_dir = rundir.stage_path(run.out, run.cfg, k)
-    if run.cfg.output.save_checkpoints:
+    if run.cfg.output.saves_checkpoint(run.cfg.stages[k].name):
         save_pretrained_dir(run.plain_model(), run.tokenizer, rundir.checkpoint_dir(stage_dir),
                             write=run.main)
     rundir.save_stage_weights(run.plain_model(), stage_dir, write=run.main)
@@ -486,21 +506,28 @@ def record_stage(run: SeedRun, k: int, train_log: list[dict[str, Any]],
     files.write_json(rundir.metrics_file(stage_dir), metrics)
     ckpt.clear()
     if k > 0:  # only the last finished stage's weights are needed to continue
-        rundir.drop_resume_dir(rundir.stage_path(run.out, run.cfg, k - 1))
+        release_weights(run, k - 1)
 
 
 def finish(run: SeedRun) -> dict[str, Any]:
     """The accuracy record; written, it marks the variant/seed as finished, and the weights
-    kept to continue from go."""
-    if run.reuse:
-        run.reuse.finished(run.keys)
+    kept to continue from go (but those another variant/seed is still to copy)."""
     run.accelerator.free_memory()
     record = rundir.accuracy_record(run.cfg, run.matrix)
     if run.main:
         files.write_json(rundir.accuracy_file(run.out), record)
         for k in range(len(run.cfg.stages)):
-            rundir.drop_resume_dir(rundir.stage_path(run.out, run.cfg, k))
+            release_weights(run, k)
     return record
+
+
+def release_weights(run: SeedRun, k: int) -> None:
+    """The weights after stage k are no longer needed to continue: they go, unless a later
+    variant/seed is still to copy them (factmem.reuse)."""
+    if run.reuse is not None:
+        run.reuse.release(run.unit, k)
+    else:
+        rundir.drop_resume_dir(rundir.stage_path(run.out, run.cfg, k))
 
 
 # --------------------------------------------------------------------------------------------

@@ -70,3 +70,20 @@ def atomic_dir(path: Path, tmp: Path | None = None, *, main: bool = True,
         os.replace(tmp, path)
     if barrier is not None:
         barrier()
+
+
+def copy_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy the directory `src` into `dst`, leaving out `src`'s top-level entries named in
+    `skip`. Files are hard links where the file system allows (no disk space: nothing factmem
+    writes is changed in place, only replaced), else copies."""
+    def ignore(d: str, names: list[str]) -> list[str]:
+        return [n for n in names if n in skip] if Path(d) == src else []
+
+    shutil.copytree(src, dst, dirs_exist_ok=True, ignore=ignore, copy_function=_link_or_copy)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not supported
+        shutil.copy2(src, dst)

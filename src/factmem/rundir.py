@@ -14,6 +14,7 @@ none spells a name.
         comparison.json, .md        variants against their baseline (factmem.compare)
         analysis/TABLE.jsonl        factmem analyze (and analysis/summary.json)
         report.md, report.html      factmem report (figures in report/)
+        logs/VARIANT/seedS.log      factmem run --jobs N: each worker process's log
         VARIANT/seedS/
             accuracy.json           accuracy matrix A[stage][set], graded figures, forgetting
             00-base/                tracked sets evaluated before any training
@@ -21,13 +22,15 @@ none spells a name.
                                     predictions/SET.jsonl, checkpoint/ (output.save_checkpoints),
                                     retention.jsonl (eval.retention_every), fisher.safetensors
                                     (EWC), reused_from.json (copied from an identical stage),
-                                    resume/ (weights to continue from; deleted once finished)
+                                    resume/ (weights to continue from; deleted once finished
+                                    and no other variant/seed is still to copy them)
     output.dir/.NAME.lock           the lock, beside the directory (see RunLock)
 
 Crash safety: a run killed at any moment (SIGKILL included) continues when the same command is
 run again. A variant/seed is finished when its accuracy.json exists (skipped, its record is read
 back); a stage is finished when its metrics.json exists (written last). The model after the last
-finished stage is kept in `resume/final/` until the variant/seed is finished; an unfinished stage
+finished stage is kept in `resume/final/` until the variant/seed is finished (and, for a stage
+that later variant/seeds copy, until they have: factmem.reuse); an unfinished stage
 continues from its in-stage checkpoint `resume/step-NNNNNN/` (factmem.train.checkpoint). Tensors
 are written with safetensors and everything else as JSON: nothing is ever unpickled.
 """
@@ -71,6 +74,7 @@ ANALYSIS_DIR = "analysis"  # factmem analyze: TABLE.jsonl and summary.json
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 REPORT_FIGURES_DIR = "report"
+LOGS_DIR = "logs"  # factmem run --jobs N: one log per variant/seed's worker
 # a variant/seed
 ACCURACY_FILE = "accuracy.json"
 BASE_STAGE = "base"  # the evaluation before any training, as the accuracy matrix names it
@@ -128,6 +132,11 @@ class RunPaths:
 
     def seed_dir(self, variant: str, seed: int) -> Path:
         return self.root / safe_name(variant) / f"seed{seed}"
+
+
+def worker_log(root: Path, variant: str, seed: int) -> Path:
+    """The log of the worker process that runs a variant/seed (factmem.jobs)."""
+    return root / LOGS_DIR / safe_name(variant) / f"seed{seed}.log"
 
 
 def analysis_table(root: Path, table: str) -> Path:

@@ -18,3 +18,10 @@ def test_bad_configs_give_one_line_naming_the_key(mutate, message, base, refused
     raw = base()
     mutate(raw)
     refused(raw, message)
+
+
+def test_save_checkpoints_takes_stage_names(base, refused):
+    refused(base(output={"save_checkpoints": ["s1", "s3"]}),
+            r"output.save_checkpoints.1: no stage named 's3'.*valid: s1, s2")
+    refused(base(output={"save_checkpoints": "s2"}),
+            r"output.save_checkpoints: expected true/false or a list, got 's2'")

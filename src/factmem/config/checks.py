@@ -42,6 +42,7 @@ def _check_references(cfg: ExperimentConfig) -> None:
         _check_baselines(cfg, i)
         seen_stages.append(st.name)
     _check_tracking(cfg, seen_stages)
+    _check_checkpoint_stages(cfg, seen_stages)
     if not cfg.seeds:
         raise _Invalid("seeds", "give at least one seed")
     if len(set(cfg.seeds)) != len(cfg.seeds):
@@ -92,6 +93,15 @@ def _check_tracking(cfg: ExperimentConfig, stages: list[str]) -> None:
     for j, t in enumerate(cfg.eval.retention_stages or []):
         if t not in stages:
             raise _unknown_ref(f"eval.retention_stages.{j}", t, stages, "stage")
+
+
+def _check_checkpoint_stages(cfg: ExperimentConfig, stages: list[str]) -> None:
+    """output.save_checkpoints as a list names stages."""
+    if isinstance(cfg.output.save_checkpoints, bool):
+        return
+    for j, t in enumerate(cfg.output.save_checkpoints):
+        if t not in stages:
+            raise _unknown_ref(f"output.save_checkpoints.{j}", t, stages, "stage")
 
 
 def _check_baselines(cfg: ExperimentConfig, i: int) -> None:

@@ -300,8 +300,10 @@ class StageConfig:
 class OutputConfig:
     dir: str = "runs"
     """parent directory of run directories"""
-    save_checkpoints: bool = False
-    """save the model (safetensors) after every stage, for analysis"""
+    save_checkpoints: bool | list[str] = False
+    """save the model (a Hugging Face directory) after every stage (true) or after the stages
+    named (e.g. [stage2]), for the model-based analyses; set per variant to keep only those the
+    analysis needs (`variants: {naive: {output.save_checkpoints: [stage2]}}`)"""
     save_predictions: bool = True
     """write per-example predictions (JSONL) for every tracked set after every stage"""
     checkpoint_every: int | None = 50
@@ -316,6 +318,12 @@ class OutputConfig:
     def __post_init__(self) -> None:
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every: must be >= 1 or null, got {self.checkpoint_every}")
+
+    def saves_checkpoint(self, stage: str) -> bool:
+        """Whether the model after the stage named `stage` is saved (save_checkpoints)."""
+        if isinstance(self.save_checkpoints, bool):
+            return self.save_checkpoints
+        return stage in self.save_checkpoints
 
 
 @dataclass
