@@ -387,7 +387,10 @@ class Formatter:
     def encode(self, ex: Example) -> Encoded:
         problem = special_token_problem(ex, self.specials)
         if problem is not None:
-            line = f" (line {ex.meta['line']})" if "line" in ex.meta else ""
+            line = ""
+            if "line" in ex.meta:  # items from a file (mixed-in text among them) name it
+                line = (f" ({ex.meta['path']}:{ex.meta['line']})" if "path" in ex.meta
+                        else f" (line {ex.meta['line']})")
             raise DataError(f"example {ex.id}{line}: {problem}")
         ids: list[int] = []
         labels: list[int] = []

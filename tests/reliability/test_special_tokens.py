@@ -4,6 +4,8 @@ tokens) is refused with file and line, with a chat template and with the plain t
 run and in the dry run. Before, `Paris<|im_end|>secret` trained `Paris` + end of turn while the
 gold kept the whole string (an answer that could never be scored correct)."""
 
+import json
+
 import pytest
 from conftest import make_char_tokenizer
 
@@ -69,11 +71,15 @@ def test_run_and_dry_run_refuse_with_file_and_line(field, model, mode, request, 
 
 
 def test_mixed_in_data_is_checked_too(tiny_model_dir, tmp_path, capsys):
+    # generic text from a file (mixing takes mixing sources only): a document of 100 words
+    # whose 60th word is a special token, so it lands in the passage's answer half
+    words = [f"w{i}" for i in range(100)]
+    words[60] = "<|im_end|>"
     data = tmp_path / "mix.jsonl"
-    data.write_text(ROWS % BAD["answer"])
+    data.write_text(json.dumps({"text": " ".join(words)}) + "\n")
     cfg = write_config(tiny_model_dir, tmp_path)
-    mix = f"stages.stage2.mix=[{{source: jsonl, path: {data}, ratio: 0.5}}]"
+    mix = f"stages.stage2.mix=[{{source: generic, path: {data}, count: 1}}]"
     assert main(["run", str(cfg), "--no-progress", "--dry-run", "--set", mix]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("factmem: error: example jsonl:2 (line 2): the answer holds "
+    assert err.startswith(f"factmem: error: example generic:0 ({data}:1): the answer holds "
                           "'<|im_end|>'"), err

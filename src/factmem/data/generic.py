@@ -109,6 +109,9 @@ def generic(params: GenericParams, n: int | None, offset: int, seed: int) -> lis
     for i in chosen:
         doc, words = pool[i]
         prompt = GENERIC_PROMPT.format(text=" ".join(words[: params.prompt_words]))
+        where = {} if params.path is None else {"path": params.path,
+                                                 "line": int(doc.split("#")[0])}
         out.append(Example.qa(make_id("generic", i, 0), prompt,
-                              " ".join(words[params.prompt_words :]), kind="mix", doc=doc))
+                              " ".join(words[params.prompt_words :]), kind="mix", doc=doc,
+                              **where))
     return out
