@@ -66,14 +66,16 @@ def run(config: str | Path | Mapping[str, Any],
     """Run an experiment as `factmem run` does and return its results.
 
     `config`: a YAML path or the config as a dict. `overrides`: dotted keys, as `--set` takes
-    them (`["train.lr=5e-5"]`) or as a mapping (`{"train.lr": 5e-5, "seeds": [0]}`).
+    them (`["train.lr=5e-5"]`) or as a mapping (`{"train.lr": 5e-5, "seeds": [0]}`); a mapping
+    value merges into the section key by key, a `factmem.config.Replace` replaces it.
     `restart`: discard an existing run directory (`--restart`); without it, an interrupted run
     continues and a changed config is refused."""
-    from factmem.config import experiment_from_dict, load_experiment
+    from factmem.config import Replace, experiment_from_dict, load_experiment
     from factmem.experiment import run_experiment
 
-    texts = [f"{k}={json.dumps(v)}" for k, v in overrides.items()] if isinstance(
-        overrides, Mapping) else list(overrides or [])  # JSON is YAML: values keep their types
+    texts = [f"{k}={'!replace ' if isinstance(v, Replace) else ''}{json.dumps(v)}"
+             for k, v in overrides.items()] if isinstance(overrides, Mapping) else list(
+        overrides or [])  # JSON is YAML: values keep their types
     if isinstance(config, Mapping):
         exp = experiment_from_dict(dict(config), texts)
     else:

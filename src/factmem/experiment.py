@@ -21,12 +21,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from factmem import distributed as dist
 from factmem import files, rundir
 from factmem.compare import comparison, write_comparison
-from factmem.config import EvalConfig, Experiment, ExperimentConfig, StageConfig, to_dict
+from factmem.config import (
+    EvalConfig,
+    Experiment,
+    ExperimentConfig,
+    StageConfig,
+    dump_yaml,
+    to_dict,
+)
 from factmem.data import Example
 from factmem.errors import FactmemError
 from factmem.evaluate import evaluate_examples, summarize
@@ -205,7 +211,7 @@ def open_run_dir(exp: Experiment, root: Path, cache: SetCache, lock: rundir.RunL
             rundir.check_resumable(root, exp.raw, resolved_config(exp))
             log.info("continuing the run in %s (finished stages are kept)", root)
     root.mkdir(parents=True, exist_ok=True)
-    files.write_text(root / rundir.CONFIG_FILE, yaml.safe_dump(exp.raw, sort_keys=False))
+    files.write_text(root / rundir.CONFIG_FILE, dump_yaml(exp.raw))
     files.write_json(root / rundir.RESOLVED_FILE, resolved)
     if cache.reports:  # items dropped by max_tokens / yet-to-learn filtering, per set
         files.write_json(root / rundir.DATA_REPORT_FILE, cache.reports)

@@ -422,8 +422,10 @@ def check_resumable(root: Path, raw: dict[str, Any], resolved: dict[str, Any]) -
 def _load_yaml(path: Path) -> Any:
     import yaml
 
+    from factmem.config.yaml_io import load_yaml_text  # `!replace` tags included
+
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return load_yaml_text(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
 
