@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from factmem import distributed as dist
-from factmem import files, rundir
+from factmem import files, rundir, signals
 from factmem.compare import comparison, write_comparison
 from factmem.config import (
     EvalConfig,
@@ -44,7 +43,7 @@ from factmem.reuse import StageReuse, reusable, stage_keys
 from factmem.sets import SetCache
 from factmem.tracking import RunTracker, check_trackers
 from factmem.train import train_stage
-from factmem.train.checkpoint import StageCheckpointer, save_pretrained_dir
+from factmem.train.checkpoint import CheckpointOnSigterm, StageCheckpointer, save_pretrained_dir
 from factmem.train.guard import FiniteGuard
 from factmem.train.lora import begin_stage, end_stage, is_adapter_model
 from factmem.train.regularizers import build_regularizers
@@ -136,13 +135,13 @@ def dry_run(exp: Experiment, output_dir: str | None = None, overwrite: bool = Fa
     """`factmem run --dry-run`: every check the real run makes before it writes (the same
     `prepare`, and the run directory read but not locked or written), and the plan. Returns the
     plan and a line on what the run would do with its directory."""
+    root = rundir.checked_root(output_dir, exp.first_variant.output.dir, exp.name)
     plan = prepare(exp).plan
-    root = rundir.run_root(output_dir or exp.first_variant.output.dir, exp.name)
-    if not root.exists() or not any(root.iterdir()):
+    what = rundir.check_run_dir(root, overwrite, exp.raw, resolved_config(exp))
+    if what == "new":
         return plan, f"would write a new run directory {root}"
-    if overwrite:
+    if what == "restart":
         return plan, f"would delete and rewrite the run directory {root} (--restart)"
-    rundir.check_resumable(root, exp.raw, resolved_config(exp))  # refuses a changed config
     paths = rundir.RunPaths(root)
     runs = [(v, s) for v, c in exp.variants.items() for s in c.seeds]
     done = sum(rundir.is_seed_finished(paths.seed_dir(v, s)) for v, s in runs)
@@ -164,12 +163,14 @@ def run_experiment(
     output_dir: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    break_lock: bool = False,
 ) -> dict[str, Any]:
+    root = rundir.checked_root(output_dir, exp.first_variant.output.dir, exp.name)
     prepared = prepare(exp)
-    root = rundir.run_root(output_dir or exp.first_variant.output.dir, exp.name)
     dist.check_fsdp_run([st for cfg in exp.variants.values() for st in cfg.stages])
     accelerator = dist.make_accelerator()
-    lock = rundir.RunLock(root)  # one writer per run directory
+    lock = rundir.RunLock(root, break_lock=break_lock)  # one writer per run directory
+    restore_sigterm = signals.handle_sigterm()  # SIGTERM stops cleanly (factmem.signals)
     try:
         # the main process takes the lock and checks the run directory; every process gets
         # its verdict, so that a refusal stops them all instead of leaving the others waiting
@@ -178,6 +179,7 @@ def run_experiment(
         return run_all(exp, root, prepared, accelerator, progress)
     finally:
         lock.release()
+        restore_sigterm()
 
 
 def main_process_decides(accelerator, action) -> None:
@@ -201,16 +203,18 @@ def main_process_decides(accelerator, action) -> None:
 
 def open_run_dir(exp: Experiment, root: Path, cache: SetCache, lock: rundir.RunLock,
                  overwrite: bool) -> None:
-    """Lock the run directory, refuse a changed config (or start over), write the config."""
-    lock.acquire()
+    """Lock the run directory, refuse a changed config (or start over), write the config.
+    Checked before the lock (so that a refusal writes nothing) and again under it."""
     resolved = {n: to_dict(c) for n, c in exp.variants.items()}
-    if root.exists() and any(root.iterdir()):
-        if overwrite:
-            shutil.rmtree(root)
-        else:  # the same command again continues the run; a changed config is refused
-            rundir.check_resumable(root, exp.raw, resolved_config(exp))
-            log.info("continuing the run in %s (finished stages are kept)", root)
+    rundir.check_run_dir(root, overwrite, exp.raw, resolved_config(exp))
+    lock.acquire()
+    what = rundir.check_run_dir(root, overwrite, exp.raw, resolved_config(exp))
+    if what == "restart":
+        rundir.remove_run_dir(root)
+    elif what == "continue":  # the same command again continues the run
+        log.info("continuing the run in %s (finished stages are kept)", root)
     root.mkdir(parents=True, exist_ok=True)
+    rundir.mark(root)
     files.write_text(root / rundir.CONFIG_FILE, dump_yaml(exp.raw))
     files.write_json(root / rundir.RESOLVED_FILE, resolved)
     if cache.reports:  # items dropped by max_tokens / yet-to-learn filtering, per set
@@ -313,7 +317,7 @@ def run_variant_seed(
         log.info("%s seed%d: finished in an earlier run, skipped", variant, seed)
         if reuse:
             reuse.finished(stage_keys(cfg, seed))
-        return files.read_json(rundir.accuracy_file(out))
+        return rundir.read_accuracy(out)
     # out = RUN_DIR/VARIANT/seedS; trackers log on the main process only
     tracker = RunTracker(cfg.output.report_to, out.parents[1], cfg.name,
                          rundir.safe_name(variant), seed, to_dict(cfg),
@@ -470,7 +474,8 @@ def stage_callbacks(run: SeedRun, k: int, stage_dir: Path, ckpt: StageCheckpoint
     stage = run.cfg.stages[k]
     retention = retention_callbacks(run.cfg, run.tracked, stage_dir, stage.name, run.main)
     return [FiniteGuard(ckpt, run.where(stage)), *regularizers, *retention, ckpt,
-            run.tracker.callback(k, run.offset, retention[0] if retention else None)]
+            run.tracker.callback(k, run.offset, retention[0] if retention else None),
+            CheckpointOnSigterm(ckpt)]
 
 
 def record_stage(run: SeedRun, k: int, train_log: list[dict[str, Any]],

@@ -129,8 +129,10 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_model(cfg: ModelConfig, path: str | None = None):
     """The model in train mode. `path` loads a checkpoint instead of `cfg.name`."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    shown = path or cfg.name  # a checkpoint of a run is named by its own path
     path = path or resolve_model_path(cfg.name)
     attn = cfg.attn_implementation or "sdpa"
     try:
@@ -141,8 +143,8 @@ def load_model(cfg: ModelConfig, path: str | None = None):
             attn_implementation=attn,
             use_safetensors=None if path == cfg.name else True,
         )
-    except (OSError, ValueError) as e:
-        raise ModelError(f"model {cfg.name!r}: cannot load ({_first_line(e)})") from None
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a damaged file
+        raise ModelError(f"model {shown!r}: cannot load ({_first_line(e)})") from None
     model.config.use_cache = False
     return model
 
