@@ -666,16 +666,16 @@ def repair_advice(path: Path) -> str:
     done again when the same command runs again."""
     again = "and run `factmem run` again with the same config"
     restart = "or pass --restart to start the run over"
-    parts = path.parts
-    if RESUME_DIR in parts[:-1]:  # resume/step-N/... or resume/final/...
-        i = len(parts) - 1 - parts[::-1].index(RESUME_DIR)
-        target, stage = Path(*parts[: i + 2]), Path(*parts[:i])
-        if parts[i + 1].startswith(STEP_PREFIX):
-            return (f"delete {target} {again} (stage {stage.name[3:]} of "
-                    f"{_seed_label(stage.parent)} restarts from its beginning), {restart}")
-        return (f"delete {target} {again} ({_seed_label(stage.parent)} is trained again), "
-                f"{restart}")
-    seed_dir = next((p for p in path.parents if SEED_DIR_PATTERN.fullmatch(p.name)), None)
+    # the variant/seed directory it is in: RUN/VARIANT/seedS (RUN written by factmem)
+    seed_dir = next((p for p in path.parents
+                     if SEED_DIR_PATTERN.fullmatch(p.name) and owns(p.parent.parent)), None)
+    resume = next((p for p in path.parents if p.parent.name == RESUME_DIR), None)
+    if seed_dir is not None and resume is not None and seed_dir in resume.parents:
+        stage = resume.parent.parent  # resume/step-N/... or resume/final/...
+        if resume.name.startswith(STEP_PREFIX):
+            return (f"delete {resume} {again} (stage {stage.name[3:]} of "
+                    f"{_seed_label(seed_dir)} restarts from its beginning), {restart}")
+        return f"delete {resume} {again} ({_seed_label(seed_dir)} is trained again), {restart}"
     if seed_dir is not None:
         return f"delete {seed_dir} {again} ({_seed_label(seed_dir)} is trained again), {restart}"
     if path.parent.name == ANALYSIS_DIR:

@@ -58,6 +58,15 @@ def test_a_set_override_wins_over_the_variants_own_dotted_key():
     assert train_of(exp) == (1e-4, 2, 1)
 
 
+def test_grid_keys_merge_too():
+    raw = base(variants={"v": {"grid": {"train.lr": [1e-3, 1e-4]}}})
+    exp = experiment_from_dict(raw, ["variants.v.grid.train.batch_size=[2, 4]"])
+    assert list(exp.variants) == ["v[lr=0.001,batch_size=2]", "v[lr=0.001,batch_size=4]",
+                                  "v[lr=0.0001,batch_size=2]", "v[lr=0.0001,batch_size=4]"]
+    exp = experiment_from_dict(raw, ["variants.v.grid={train.lr: [1.0e-5]}"])
+    assert list(exp.variants) == ["v[lr=1e-05]"]
+
+
 def test_replace_is_explicit_with_the_replace_tag():
     exp = experiment_from_dict(base(), ["train=!replace {lr: 1.0e-4}"])
     assert train_of(exp) == (1e-4, 32, 20)  # the defaults: nothing kept from the config

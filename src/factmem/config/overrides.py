@@ -174,24 +174,25 @@ def _override_variant(variants: dict[str, Any], name: Any, rest: list[str], valu
 
 
 def _add_override(spec: dict[str, Any], key: Any, value: Any, where: str) -> None:
-    grid = spec.get("grid")
-    if isinstance(key, str) and key.startswith("grid.") and isinstance(grid, dict):
-        grid.pop(key[5:], None)
-        grid[key[5:]] = copy.deepcopy(value)
-        return
-    if key == "grid" and _merges(grid, value):
-        for k, v in value.items():
-            grid.pop(k, None)
-            grid[k] = copy.deepcopy(v)
-        return
+    """One override into a variant's spec, after the others (so it wins); a grid key
+    (`grid.train.lr`, or each key of a `grid` mapping) into its grid the same way."""
     if isinstance(key, str) and key.startswith("grid."):
-        spec["grid"] = grid = {} if grid is None else grid
-        if not isinstance(grid, dict):
+        if spec.get("grid") is None:
+            spec["grid"] = {}
+        if not isinstance(spec["grid"], dict):
             raise _Invalid(f"{where}.grid", "expected {dotted.key: [value, ...]}")
-        grid[key[5:]] = copy.deepcopy(value)
-        return
-    spec.pop(key, None)
-    spec[key] = copy.deepcopy(value)
+        _append(spec["grid"], key[len("grid."):], value)
+    elif key == "grid" and _merges(spec.get("grid"), value):
+        for k, v in value.items():
+            _append(spec["grid"], k, v)
+    else:
+        _append(spec, key, value)
+
+
+def _append(mapping: dict[Any, Any], key: Any, value: Any) -> None:
+    """Set `key` as the last entry of `mapping` (overrides apply in order: the last wins)."""
+    mapping.pop(key, None)
+    mapping[key] = copy.deepcopy(value)
 
 
 def _list_index(node: list, part: str, where: str) -> int:
