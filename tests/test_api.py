@@ -8,13 +8,14 @@ import yaml
 from test_cli import tiny_config
 
 import factmem
+from factmem.config import Replace
 from factmem.errors import FactmemError
 
 
 def test_run_returns_the_tables_of_the_run_directory(tiny_model_dir, tmp_path):
     cfg = tiny_config(tiny_model_dir, tmp_path)
-    res = factmem.run(cfg, {"seeds": [0, 1], "variants": {"naive": {}, "remix": {
-        "stages.stage1.mix": [{"source": "random-words", "ratio": 1, "length": 4}]}}},
+    res = factmem.run(cfg, {"seeds": [0, 1], "variants": Replace({"naive": {}, "remix": {
+        "stages.stage1.mix": [{"source": "random-words", "ratio": 1, "length": 4}]}})},
         progress=False)
     root = tmp_path / "runs" / "tiny"
     assert res.run_dir == root and res.summary is not None

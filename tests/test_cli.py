@@ -80,7 +80,7 @@ def test_same_config_and_seed_give_identical_metrics(tiny_model_dir, tmp_path):
     ("train.lr=fast", "train.lr: expected a number"),
     ("stages.stage2.mix=[{source: generic, ratio: -2}]", "ratio: must be >= 0"),
     ("sets.kvr_a.n=0", "sets.kvr_a.n: must be >= 1"),
-    ("sets.kvr_a={source: jsonl, path: /nonexistent/qa.jsonl}",
+    ("sets.kvr_a=!replace {source: jsonl, path: /nonexistent/qa.jsonl}",
      "/nonexistent/qa.jsonl: no such file"),
     ("model.name=/nonexistent/model", "model '/nonexistent/model' not found"),
 ])
@@ -115,7 +115,8 @@ def test_reused_stage_gives_the_same_results_as_training_it_again(tiny_model_dir
     """naive and replay share stage 1: it is trained once; replay alone must match."""
     cfg = tiny_config(tiny_model_dir, tmp_path)
     assert main(["run", str(cfg), "--no-progress", "--output", str(tmp_path / "both")]) == 0
-    alone = ["--set", "variants={replay: {stages.stage2.replay: [{stage: stage1, ratio: 0.5}]}}"]
+    alone = ["--set", "variants=!replace "  # replay alone: the config's other variants dropped
+             "{replay: {stages.stage2.replay: [{stage: stage1, ratio: 0.5}]}}"]
     assert main(["run", str(cfg), "--no-progress", "--output", str(tmp_path / "alone"),
                  *alone]) == 0
     both = tmp_path / "both" / "tiny" / "replay" / "seed0"

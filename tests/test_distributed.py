@@ -141,7 +141,7 @@ def fsdp_run(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
 def test_two_fsdp_processes_match_one_process(fsdp_run, tmp_path, capsys):
     cfg, two = fsdp_run
     assert main(["run", str(cfg), "--no-progress", "--output", str(tmp_path / "one"),
-                 "--set", f"variants={{{VARIANT}: {{}}}}"]) == 0
+                 "--set", f"variants=!replace {{{VARIANT}: {{}}}}"]) == 0
     capsys.readouterr()
     one = tmp_path / "one" / "fsdp" / VARIANT / "seed0"
     two = two / VARIANT / "seed0"

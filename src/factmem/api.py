@@ -66,14 +66,16 @@ def run(config: str | Path | Mapping[str, Any],
     """Run an experiment as `factmem run` does and return its results.
 
     `config`: a YAML path or the config as a dict. `overrides`: dotted keys, as `--set` takes
-    them (`["train.lr=5e-5"]`) or as a mapping (`{"train.lr": 5e-5, "seeds": [0]}`).
+    them (`["train.lr=5e-5"]`) or as a mapping (`{"train.lr": 5e-5, "seeds": [0]}`); a mapping
+    value merges into the section key by key, a `factmem.config.Replace` replaces it.
     `restart`: discard an existing run directory (`--restart`); without it, an interrupted run
     continues and a changed config is refused."""
-    from factmem.config import experiment_from_dict, load_experiment
+    from factmem.config import Replace, experiment_from_dict, load_experiment
     from factmem.experiment import run_experiment
 
-    texts = [f"{k}={json.dumps(v)}" for k, v in overrides.items()] if isinstance(
-        overrides, Mapping) else list(overrides or [])  # JSON is YAML: values keep their types
+    texts = [f"{k}={'!replace ' if isinstance(v, Replace) else ''}{json.dumps(v)}"
+             for k, v in overrides.items()] if isinstance(overrides, Mapping) else list(
+        overrides or [])  # JSON is YAML: values keep their types
     if isinstance(config, Mapping):
         exp = experiment_from_dict(dict(config), texts)
     else:
@@ -87,8 +89,7 @@ def load_run(run_dir: str | Path) -> RunResults:
     """Read a run directory written by `factmem run` (finished or not) into tables."""
     import pandas as pd
 
-    from factmem import files
-    from factmem.rundir import RESOLVED_FILE, SUMMARY_FILE, RunPaths, open_run
+    from factmem.rundir import RESOLVED_FILE, SUMMARY_FILE, RunPaths, open_run, read_json
 
     root, exp = open_run(run_dir)
     paths = RunPaths(root)
@@ -103,13 +104,13 @@ def load_run(run_dir: str | Path) -> RunResults:
     summary = root / SUMMARY_FILE
     return RunResults(
         run_dir=root,
-        config=files.read_json(resolved) if resolved.is_file() else {},
+        config=read_json(resolved) if resolved.is_file() else {},
         accuracy=pd.DataFrame(acc_rows, columns=_columns(acc_rows, ["variant", "seed", "stage",
                                                                    "set", "accuracy"])),
         forgetting=pd.DataFrame(forget_rows, columns=["variant", "seed", "set", "forgetting"]),
         predictions=pd.DataFrame(pred_rows, columns=_columns(pred_rows, [
             "variant", "seed", "stage", "set", "id", "prediction", "correct"])),
-        summary=files.read_json(summary) if summary.is_file() else None,
+        summary=read_json(summary) if summary.is_file() else None,
     )
 
 
@@ -117,13 +118,13 @@ def _seed_rows(cfg, seed_dir: Path, key: dict[str, Any], acc_rows: list, forget_
               pred_rows: list) -> None:
     """One variant/seed's rows: figures and predictions of its finished stages, forgetting
     once it is finished."""
-    from factmem import files
     from factmem.rundir import (
-        accuracy_file,
         finished_stage_dirs,
         is_seed_finished,
         predictions_file,
+        read_accuracy,
         read_eval,
+        read_jsonl,
     )
 
     for stage, _, stage_dir in finished_stage_dirs(cfg, seed_dir):
@@ -133,9 +134,9 @@ def _seed_rows(cfg, seed_dir: Path, key: dict[str, Any], acc_rows: list, forget_
             path = predictions_file(stage_dir, name)
             if path.is_file():
                 pred_rows += [{**key, "stage": stage, "set": name, **p}
-                              for p in files.read_jsonl(path)]
+                              for p in read_jsonl(path)]
     if is_seed_finished(seed_dir):
-        record = files.read_json(accuracy_file(seed_dir))
+        record = read_accuracy(seed_dir)
         forget_rows += [{**key, "set": s, "forgetting": f} for s, f in record["forgetting"].items()]
 
 

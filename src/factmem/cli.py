@@ -8,6 +8,7 @@ import os
 import sys
 
 from factmem.errors import FactmemError
+from factmem.signals import EXIT_STATUS, Terminated
 
 log = logging.getLogger("factmem")
 # libraries whose INFO/WARNING chatter is not the user's business (factmem.jobs' workers too)
@@ -38,7 +39,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     summary = run_experiment(exp, output_dir=args.output, overwrite=args.overwrite,
                              progress=not args.no_progress, jobs=args.jobs,
-                             threads_per_job=args.threads_per_job)
+                             threads_per_job=args.threads_per_job, break_lock=args.break_lock)
     if not is_main_process():  # under `accelerate launch` every process gets here; one prints
         return 0
     print()
@@ -152,10 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set train.lr=1e-5 (repeatable)")
     run.add_argument("--output", help="parent directory of the run (default: output.dir)")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace an existing run directory (only one factmem wrote)")
     run.add_argument("--restart", dest="overwrite", action="store_true",
                      help="same as --overwrite: discard an existing (interrupted) run and start "
-                     "over; without it, the same command on an existing run directory continues it")
+                     "over; without it, the same command on an existing run directory continues "
+                     "it. Deletes only a directory factmem wrote, never through a symbolic link")
+    run.add_argument("--break-lock", action="store_true",
+                     help="take over the run directory's lock even if its process may still run "
+                     "(e.g. on another host, whose lock is otherwise taken over after 10 minutes "
+                     "without a heartbeat); only when you know that process is gone")
     run.add_argument("--dry-run", action="store_true",
                      help="run every check of the real run (sets, mixtures of every seed, "
                      "tokenizer; no weights) and print the plan: items, tokens and steps per "
@@ -230,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     except FactmemError as e:
         print(f"factmem: error: {e}", file=sys.stderr)
         return 2
+    except Terminated as e:  # factmem.signals: the lock is released, the run resumable
+        print(f"factmem: stopped by SIGTERM: {e}; run the same command again to continue",
+              file=sys.stderr)
+        return EXIT_STATUS
     except KeyboardInterrupt:
         print("factmem: interrupted", file=sys.stderr)
         return 130

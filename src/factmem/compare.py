@@ -49,7 +49,15 @@ from scipy import stats
 
 from factmem import files
 from factmem.results import mean_std
-from factmem.rundir import COMPARISON_FILE, COMPARISON_MD, RunPaths, predictions_file, stage_path
+from factmem.rundir import (
+    COMPARISON_FILE,
+    COMPARISON_MD,
+    RunPaths,
+    predictions_file,
+    read_json,
+    read_jsonl,
+    stage_path,
+)
 
 METRICS = ("correct", "token_acc", "logprob")
 BOUNDS = {"correct": (-1.0, 1.0), "token_acc": (-1.0, 1.0), "logprob": (None, None)}
@@ -118,7 +126,7 @@ def _predictions(stage_dir: Path, name: str) -> dict[str, dict[str, Any]] | None
     path = predictions_file(stage_dir, name)
     if not path.is_file():
         return None
-    return {r["id"]: r for r in files.read_jsonl(path)}
+    return {r["id"]: r for r in read_jsonl(path)}
 
 
 def comparison_pairs(exp) -> list[tuple[str, str]]:
@@ -191,7 +199,7 @@ def _failed_stages(cfg, seed_dir: Path) -> list[str]:
             preds = predictions_file(stage_dir, name)
             if not preds.is_file():
                 continue
-            rows = files.read_jsonl(preds)
+            rows = read_jsonl(preds)
             if any(r.get("rouge_l") is not None for r in rows):
                 continue  # a task set: learned, not memorized
             acc = statistics.fmean(bool(r["correct"]) for r in rows)
@@ -262,4 +270,4 @@ def write_comparison(root: Path, comp: dict[str, Any]) -> None:
 
 def load_comparison(root: Path) -> dict[str, Any] | None:
     path = root / COMPARISON_FILE
-    return files.read_json(path) if path.is_file() else None
+    return read_json(path) if path.is_file() else None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +20,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from factmem import distributed as dist
-from factmem import files, rundir
+from factmem import files, rundir, signals
 from factmem import jobs as parallel
 from factmem.compare import comparison, write_comparison
-from factmem.config import EvalConfig, Experiment, ExperimentConfig, StageConfig, to_dict
+from factmem.config import (
+    EvalConfig,
+    Experiment,
+    ExperimentConfig,
+    StageConfig,
+    dump_yaml,
+    to_dict,
+)
 from factmem.data import Example
 from factmem.errors import FactmemError
 from factmem.evaluate import evaluate_examples, summarize
@@ -39,7 +44,7 @@ from factmem.reuse import ReusePlan, unit_name
 from factmem.sets import SetCache
 from factmem.tracking import RunTracker, check_trackers
 from factmem.train import train_stage
-from factmem.train.checkpoint import StageCheckpointer, save_pretrained_dir
+from factmem.train.checkpoint import CheckpointOnSigterm, StageCheckpointer, save_pretrained_dir
 from factmem.train.guard import FiniteGuard
 from factmem.train.lora import begin_stage, end_stage
 from factmem.train.regularizers import build_regularizers
@@ -132,14 +137,14 @@ def dry_run(exp: Experiment, output_dir: str | None = None, overwrite: bool = Fa
     """`factmem run --dry-run`: every check the real run makes before it writes (the same
     `prepare`, and the run directory read but not locked or written), and the plan. Returns the
     plan and a line on what the run would do with its directory."""
+    root = rundir.checked_root(output_dir, exp.first_variant.output.dir, exp.name)
     with without_model_writes():  # an embedded model not yet converted is read in place
         plan = prepare(exp).plan
-    root = rundir.run_root(output_dir or exp.first_variant.output.dir, exp.name)
-    if not root.exists() or not any(root.iterdir()):
+    what = rundir.check_run_dir(root, overwrite, exp.raw, resolved_config(exp))
+    if what == "new":
         return plan, f"would write a new run directory {root}"
-    if overwrite:
+    if what == "restart":
         return plan, f"would delete and rewrite the run directory {root} (--restart)"
-    rundir.check_resumable(root, exp.raw, resolved_config(exp))  # refuses a changed config
     paths = rundir.RunPaths(root)
     runs = [(v, s) for v, c in exp.variants.items() for s in c.seeds]
     done = sum(rundir.is_seed_finished(paths.seed_dir(v, s)) for v, s in runs)
@@ -163,15 +168,17 @@ def run_experiment(
     progress: bool = True,
     jobs: int = 1,
     threads_per_job: int | None = None,
+    break_lock: bool = False,
 ) -> dict[str, Any]:
     """`factmem run`: `jobs` variant/seeds at a time, each in a process of its own if more than
     one (factmem.jobs), with `threads_per_job` torch threads (default: its share of the cores)."""
     parallel.check_jobs(jobs, threads_per_job)
+    root = rundir.checked_root(output_dir, exp.first_variant.output.dir, exp.name)
     prepared = prepare(exp)
-    root = rundir.run_root(output_dir or exp.first_variant.output.dir, exp.name)
     dist.check_fsdp_run([st for cfg in exp.variants.values() for st in cfg.stages])
     accelerator = dist.make_accelerator()
-    lock = rundir.RunLock(root)  # one writer per run directory
+    lock = rundir.RunLock(root, break_lock=break_lock)  # one writer per run directory
+    restore_sigterm = signals.handle_sigterm()  # SIGTERM stops cleanly (factmem.signals)
     try:
         # the main process takes the lock and checks the run directory; every process gets
         # its verdict, so that a refusal stops them all instead of leaving the others waiting
@@ -180,6 +187,7 @@ def run_experiment(
         return run_all(exp, root, prepared, accelerator, progress, jobs, threads_per_job)
     finally:
         lock.release()
+        restore_sigterm()
 
 
 def main_process_decides(accelerator, action) -> None:
@@ -203,17 +211,19 @@ def main_process_decides(accelerator, action) -> None:
 
 def open_run_dir(exp: Experiment, root: Path, cache: SetCache, lock: rundir.RunLock,
                  overwrite: bool) -> None:
-    """Lock the run directory, refuse a changed config (or start over), write the config."""
-    lock.acquire()
+    """Lock the run directory, refuse a changed config (or start over), write the config.
+    Checked before the lock (so that a refusal writes nothing) and again under it."""
     resolved = {n: to_dict(c) for n, c in exp.variants.items()}
-    if root.exists() and any(root.iterdir()):
-        if overwrite:
-            shutil.rmtree(root)
-        else:  # the same command again continues the run; a changed config is refused
-            rundir.check_resumable(root, exp.raw, resolved_config(exp))
-            log.info("continuing the run in %s (finished stages are kept)", root)
+    rundir.check_run_dir(root, overwrite, exp.raw, resolved_config(exp))
+    lock.acquire()
+    what = rundir.check_run_dir(root, overwrite, exp.raw, resolved_config(exp))
+    if what == "restart":
+        rundir.remove_run_dir(root)
+    elif what == "continue":  # the same command again continues the run
+        log.info("continuing the run in %s (finished stages are kept)", root)
     root.mkdir(parents=True, exist_ok=True)
-    files.write_text(root / rundir.CONFIG_FILE, yaml.safe_dump(exp.raw, sort_keys=False))
+    rundir.mark(root)
+    files.write_text(root / rundir.CONFIG_FILE, dump_yaml(exp.raw))
     files.write_json(root / rundir.RESOLVED_FILE, resolved)
     if cache.reports:  # items dropped by max_tokens / yet-to-learn filtering, per set
         files.write_json(root / rundir.DATA_REPORT_FILE, cache.reports)
@@ -330,7 +340,7 @@ def run_variant_seed(
     Continues an interrupted run: finished stages in `out` are skipped (factmem.rundir)."""
     if rundir.is_seed_finished(out):
         log.info("%s seed%d: finished in an earlier run, skipped", variant, seed)
-        return files.read_json(rundir.accuracy_file(out))
+        return rundir.read_accuracy(out)
     # out = RUN_DIR/VARIANT/seedS; trackers log on the main process only
     tracker = RunTracker(cfg.output.report_to, out.parents[1], cfg.name,
                          rundir.safe_name(variant), seed, to_dict(cfg),
@@ -487,7 +497,8 @@ def stage_callbacks(run: SeedRun, k: int, stage_dir: Path, ckpt: StageCheckpoint
     stage = run.cfg.stages[k]
     retention = retention_callbacks(run.cfg, run.tracked, stage_dir, stage.name, run.main)
     return [FiniteGuard(ckpt, run.where(stage)), *regularizers, *retention, ckpt,
-            run.tracker.callback(k, run.offset, retention[0] if retention else None)]
+            run.tracker.callback(k, run.offset, retention[0] if retention else None),
+            CheckpointOnSigterm(ckpt)]
 
 
 def record_stage(run: SeedRun, k: int, train_log: list[dict[str, Any]],

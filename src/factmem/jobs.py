@@ -268,13 +268,21 @@ def death(exitcode: int | None) -> str:
 def work(task: Task, conn: Connection) -> None:
     """A worker process: run one variant/seed, then send ("done", seconds) or ("failed", the
     error in one line; a traceback goes to the log)."""
+    from factmem import signals
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    # SIGTERM (the parent stopping us, or a scheduler signalling the whole job): the step under
+    # way finishes and a resumable checkpoint is written, as in a single-process run
+    signals.handle_sigterm()
     watch_parent(task.parent)
     log_to(task)
     try:
         t0 = time.perf_counter()
         run_task(task)
         conn.send(("done", time.perf_counter() - t0))
+    except signals.Terminated as e:
+        log.warning("%s: stopped by SIGTERM: %s", task.name, e)
+        conn.send(("failed", f"stopped by SIGTERM: {e}"))
     except FactmemError as e:
         log.error("%s", e)
         conn.send(("failed", str(e)))

@@ -200,8 +200,10 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_model(cfg: ModelConfig, path: str | None = None):
     """The model in train mode. `path` loads a checkpoint instead of `cfg.name`."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    shown = path or cfg.name  # a checkpoint of a run is named by its own path
     path, extra = (path, {}) if path else model_files(cfg.name)
     attn = cfg.attn_implementation or "sdpa"
     try:
@@ -213,8 +215,8 @@ def load_model(cfg: ModelConfig, path: str | None = None):
             use_safetensors=None if path == cfg.name or extra else True,
             **extra,
         )
-    except (OSError, ValueError) as e:
-        raise ModelError(f"model {cfg.name!r}: cannot load ({_first_line(e)})") from None
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a damaged file
+        raise ModelError(f"model {shown!r}: cannot load ({_first_line(e)})") from None
     model.config.use_cache = False
     return model
 

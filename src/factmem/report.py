@@ -39,6 +39,8 @@ from factmem.rundir import (
     analysis_table,
     finished_record,
     open_run,
+    read_json,
+    read_jsonl,
     stage_dirs,
 )
 
@@ -95,9 +97,9 @@ def load_data(run_dir: str | Path) -> RunData:
     for name in TABLES:
         path = analysis_table(root, name)
         if path.is_file():
-            tables[name] = files.read_jsonl(path)
+            tables[name] = read_jsonl(path)
     summary_path = analysis_summary(root)
-    summary = files.read_json(summary_path) if summary_path.is_file() else {}
+    summary = read_json(summary_path) if summary_path.is_file() else {}
     seeds = sorted({s for v in accuracy.values() for s in v})
     return RunData(root, exp, first.model.name, list(accuracy), seeds,
                    [BASE_STAGE, *[s.name for s in first.stages]], list(first.track),

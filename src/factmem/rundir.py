@@ -5,7 +5,10 @@ writer per directory, the check that a continued run has the same config, the mo
 kept after a finished stage, the accuracy record and the timings. Other modules ask for a path;
 none spells a name.
 
-    RUN_DIR = output.dir/NAME (NAME made safe for a file system, see `safe_name`)
+    RUN_DIR = output.dir/NAME (NAME: one plain file name, factmem.config.checks)
+        .factmem-run                written first: factmem made this directory (--restart
+                                    deletes nothing else; runs from before it: config.yaml +
+                                    resolved.json)
         config.yaml                 the config as given (with --set overrides applied)
         resolved.json               every variant fully resolved
         data.json                   items dropped from sets by max_tokens / filtering
@@ -32,20 +35,30 @@ back); a stage is finished when its metrics.json exists (written last). The mode
 finished stage is kept in `resume/final/` until the variant/seed is finished (and, for a stage
 that later variant/seeds copy, until they have: factmem.reuse); an unfinished stage
 continues from its in-stage checkpoint `resume/step-NNNNNN/` (factmem.train.checkpoint). Tensors
-are written with safetensors and everything else as JSON: nothing is ever unpickled.
+are written with safetensors and everything else as JSON: nothing is ever unpickled. A file
+damaged anyway (a full disk, a copy cut short, a hand edit) is one line naming it and saying
+what to delete and what is then done again (`repair_advice`), never a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import re
 import shutil
 import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from factmem import distributed as dist
@@ -62,6 +75,7 @@ log = logging.getLogger(__name__)
 # Names
 
 # the run
+MARKER_FILE = ".factmem-run"  # written first: factmem made the directory (see `owns`)
 CONFIG_FILE = "config.yaml"
 RESOLVED_FILE = "resolved.json"
 DATA_REPORT_FILE = "data.json"
@@ -110,7 +124,10 @@ OPERATIONAL_KEYS = ("output.checkpoint_every", "output.report_to")
 
 
 def safe_name(name: str) -> str:
-    """A variant name as a single directory name (grid names hold `[`, `=`, `,`)."""
+    """A variant name as a single directory name. Names written in the config are plain
+    already (factmem.config.checks) and come back unchanged; a grid-made name keeps `[`, `=`,
+    `,` and has anything else outside letters and digits as `_` (the config checks refuse two
+    variants that would so share a folder)."""
     out = "".join(c if c.isalnum() or c in "-_.=,[]" else "_" for c in name)
     if out in ("", ".", ".."):
         raise FactmemError(f"name {name!r} cannot be used as a directory name")
@@ -195,7 +212,11 @@ def is_finished(stage_dir: Path) -> bool:
 
 
 def read_metrics(stage_dir: Path) -> dict[str, Any]:
-    return files.read_json(metrics_file(stage_dir))
+    path = metrics_file(stage_dir)
+    metrics = read_json(path)
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("eval"), dict):
+        raise damaged(path, "no 'eval' record")
+    return metrics
 
 
 def read_eval(stage_dir: Path) -> dict[str, dict[str, Any]]:
@@ -231,6 +252,15 @@ def accuracy_file(seed_dir: Path) -> Path:
 def is_seed_finished(seed_dir: Path) -> bool:
     """A variant/seed is finished once its accuracy.json is written (its stages all are)."""
     return accuracy_file(seed_dir).is_file()
+
+
+def read_accuracy(seed_dir: Path) -> dict[str, Any]:
+    """The accuracy record of a finished variant/seed."""
+    path = accuracy_file(seed_dir)
+    record = read_json(path)
+    if not isinstance(record, dict) or "accuracy" not in record:
+        raise damaged(path, "no 'accuracy' record")
+    return record
 
 
 def open_run(run_dir: str | Path) -> tuple[Path, Any]:
@@ -294,7 +324,10 @@ class RunTimings:
         self.seconds: dict[str, float] = {}  # in the order the runs come, earlier ones too
         self.earlier: dict[str, float] = {}
         if enabled and self.path.is_file():
-            self.earlier = {k: v for k, v in files.read_json(self.path).items()
+            earlier = read_json(self.path)
+            if not isinstance(earlier, dict):
+                raise damaged(self.path, "not a mapping")
+            self.earlier = {k: v for k, v in earlier.items()
                             if isinstance(v, (int, float)) and v > 0}
 
     def record(self, key: str, seconds: float) -> None:
@@ -317,52 +350,132 @@ class RunTimings:
 # One writer per run directory
 
 
+HEARTBEAT_S = 30.0  # the holder of a lock touches it this often (its mtime is the heartbeat)
+STALE_AFTER_S = 600.0  # a lock from another host with no heartbeat for this long is taken over
+
+
 class RunLock:
-    """`<parent>/.<run>.lock` created with O_CREAT|O_EXCL, holding `pid@host`. A lock whose
-    process is gone (same host, pid not alive) is stale and taken over. It sits beside the run
-    directory so that --overwrite can delete the directory while holding it.
+    """`<parent>/.<run>.lock` created with O_CREAT|O_EXCL, holding `pid@host` and
+    `heartbeat SECONDS`; while it is held a thread touches it every SECONDS. It sits beside the
+    run directory so that --restart can delete the directory while holding it.
+
+    A lock is taken over (with a warning) when its process is gone: on this host, its pid is
+    not running; from another host, whose processes cannot be asked, it has had no heartbeat for
+    STALE_AFTER_S (10 minutes, 20 missed beats: the hosts' clocks must agree to within a few
+    minutes); an empty lock (its writer killed between creating and writing it) once it is as
+    old. `break_lock` (`--break-lock`) takes over any lock: for a lock from another host written
+    by a factmem without heartbeats, or to go on at once; a process still running there would
+    write beside this one. A takeover removes the lock only if it is still the file that was
+    judged stale (same inode and mtime), so two processes cannot both take it.
 
     Hand-written rather than the `filelock` package: its default lock (flock) does not hold on
     NFS and names no owner, and only its 4.x soft lock records an owner and takes over a dead
     one's lock, in a format of its own. factmem does not pin filelock (it comes in with
     huggingface_hub, often 3.x), and run directories written so far hold `pid@host` locks."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, break_lock: bool = False, heartbeat_s: float = HEARTBEAT_S,
+                 stale_after_s: float = STALE_AFTER_S):
         self.root = root
         self.path = lock_path(root)
+        self.break_lock = break_lock
+        self.heartbeat_s = heartbeat_s
+        self.stale_after_s = stale_after_s
         self.held = False
+        self.me = f"{os.getpid()}@{socket.gethostname()}"
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = f"{os.getpid()}@{socket.gethostname()}"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FactmemError(f"cannot create {self.path.parent} ({e.strerror})") from None
         for _ in range(2):  # the second try follows the removal of a stale lock
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                owner = self._owner()
-                if owner is not None and not _alive(owner):
-                    log.warning("removing stale lock %s (process %s is gone)", self.path, owner)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise FactmemError(
-                    f"run directory {self.root} is in use by process {owner or '?'} (lock "
-                    f"{self.path}); wait for it to finish, or delete the lock file if that "
-                    "process is gone") from None
+                self._take_over_or_refuse()
+                continue
             with os.fdopen(fd, "w") as f:
-                f.write(me + "\n")
+                f.write(f"{self.me}\nheartbeat {self.heartbeat_s:g}\n")
             self.held = True
+            self._start_heartbeat()
             return
-        raise FactmemError(f"cannot take the lock {self.path}")
+        raise FactmemError(f"cannot take the lock {self.path}: another process took it first")
 
-    def _owner(self) -> str | None:
+    def _take_over_or_refuse(self) -> None:
         try:
-            return self.path.read_text().strip() or None
+            st = self.path.stat()
+            lines = self.path.read_text(errors="replace").splitlines()
+        except OSError:  # removed meanwhile: try again
+            return
+        owner = lines[0].strip() if lines and lines[0].strip() else None
+        beats = len(lines) > 1 and lines[1].startswith("heartbeat")
+        age = time.time() - st.st_mtime
+        reason = self._stale(owner, beats, age)
+        if reason is None:
+            raise FactmemError(self._in_use(owner, beats, age))
+        log.warning("removing stale lock %s of %s: %s", self.path, owner or "?", reason)
+        now = self.path.stat() if self.path.exists() else None
+        if now is not None and (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns):
+            self.path.unlink(missing_ok=True)
+
+    def _stale(self, owner: str | None, beats: bool, age: float) -> str | None:
+        """Why the lock is stale, or None if its process may be running."""
+        if self.break_lock:
+            return "--break-lock given"
+        if owner is None:
+            return f"empty for {age / 60:.0f} minutes" if age > self.stale_after_s else None
+        if _on_this_host(owner):
+            return None if _alive(owner) else f"process {owner} is gone"
+        if beats and age > self.stale_after_s:
+            return f"no heartbeat for {age / 60:.0f} minutes"
+        return None
+
+    def _in_use(self, owner: str | None, beats: bool, age: float) -> str:
+        head = f"run directory {self.root} is in use by process {owner or '?'} (lock {self.path}"
+        if owner is None:
+            return f"{head}, being written); wait a moment and run again"
+        if _on_this_host(owner):
+            return f"{head}); wait for it to finish"
+        if beats:
+            return (f"{head}, heartbeat {age:.0f} s ago); it is taken over once it is "
+                    f"{self.stale_after_s / 60:.0f} minutes old, or pass --break-lock if that "
+                    "process is gone")
+        return (f"{head}, written without heartbeats); pass --break-lock if that process is "
+                "gone")
+
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._heartbeat, name="factmem-lock-heartbeat",
+                                      daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            if not self._mine():
+                log.error("the lock %s is no longer this process's (taken over?); another "
+                          "process may be writing in %s", self.path, self.root)
+                return
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def beating(self) -> bool:
+        return self._beat is not None and self._beat.is_alive()
+
+    def _mine(self) -> bool:
+        try:
+            return self.path.read_text().split("\n", 1)[0] == self.me
         except OSError:
-            return None
+            return False
 
     def release(self) -> None:
         if self.held:
-            self.path.unlink(missing_ok=True)
+            self._stop.set()
+            if self._beat is not None:
+                self._beat.join(timeout=5)
+            if self._mine():  # never a lock another process took over meanwhile
+                self.path.unlink(missing_ok=True)
             self.held = False
 
     def __enter__(self) -> Self:
@@ -373,15 +486,16 @@ class RunLock:
         self.release()
 
 
+def _on_this_host(owner: str) -> bool:
+    host = owner.partition("@")[2]
+    return not host or host == socket.gethostname()
+
+
 def _alive(owner: str) -> bool:
-    """Whether `pid@host` names a running process (a lock from another host counts as alive:
-    its process cannot be checked from here)."""
-    pid_text, _, host = owner.partition("@")
-    if host and host != socket.gethostname():
-        return True
+    """Whether `pid@host` (of this host) names a running process."""
     try:
-        os.kill(int(pid_text), 0)
-    except (ValueError, ProcessLookupError):
+        os.kill(int(owner.partition("@")[0]), 0)
+    except (ValueError, ProcessLookupError, OverflowError):
         return False
     except PermissionError:  # exists, owned by someone else
         return True
@@ -414,12 +528,15 @@ def check_resumable(root: Path, raw: dict[str, Any], resolved: dict[str, Any]) -
     config as given (keys the user wrote) and, failing that, every resolved variant."""
     saved = root / RESOLVED_FILE
     if not saved.is_file() and not (root / CONFIG_FILE).is_file():
-        raise FactmemError(f"run directory {root} exists and is not a factmem run; pass "
-                           "--overwrite to start over or --output DIR to write elsewhere")
+        if owns(root):  # killed between writing the marker and the config: nothing to compare
+            return
+        raise FactmemError(f"run directory {root} exists and is not a factmem run (no "
+                           f"{MARKER_FILE}, no {CONFIG_FILE}); give --output DIR or another "
+                           "name: to write elsewhere")
     old_raw = _load_yaml(root / CONFIG_FILE)
     keys = [k for k in diff_keys(old_raw, raw) if not k.startswith(OPERATIONAL_KEYS)]
     if not keys and saved.is_file():  # (killed between writing the two files: raw only)
-        old = files.read_json(saved)
+        old = read_json(saved)
         keys = [k for k in diff_keys(old, resolved)
                 if not k.split(".", 1)[-1].startswith(OPERATIONAL_KEYS)]
     if keys:
@@ -429,12 +546,156 @@ def check_resumable(root: Path, raw: dict[str, Any], resolved: dict[str, Any]) -
 
 
 def _load_yaml(path: Path) -> Any:
+    """The config.yaml of a run (None if it was never written); damaged: one line."""
     import yaml
 
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    from factmem.config.yaml_io import load_yaml_text
+
+    if not path.is_file():
         return None
+    try:
+        return load_yaml_text(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise damaged(path, "not UTF-8") from None
+    except yaml.YAMLError as e:
+        raise damaged(path, f"malformed YAML: {str(e).splitlines()[0]}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Where a run may write, and what --restart may delete
+
+
+def checked_root(output_dir: str | None, config_dir: str, name: str) -> Path:
+    """The run directory under `output_dir` (--output) or else `config_dir` (output.dir), once
+    that directory is known to be usable: no NUL, no file on the way, writable."""
+    key, where = ("--output", output_dir) if output_dir else ("output.dir", config_dir)
+    if "\0" in where:
+        raise FactmemError(f"{key}: contains a NUL character ({where!r}); give a directory path")
+    path = Path(where)
+    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        what = "a broken symbolic link" if existing.is_symlink() else "a file"
+        raise FactmemError(f"{key}: {existing} is {what}, not a directory; give a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FactmemError(f"{key}: cannot write into {existing} (permission denied); give a "
+                           "directory you can write into")
+    return run_root(where, name)
+
+
+def owns(root: Path) -> bool:
+    """Whether factmem wrote `root`: it holds the marker or, a run from before the marker, both
+    config.yaml and resolved.json. Only files count, never symbolic links to them."""
+    def plain_file(p: Path) -> bool:
+        return p.is_file() and not p.is_symlink()
+
+    return plain_file(root / MARKER_FILE) or (plain_file(root / CONFIG_FILE)
+                                              and plain_file(root / RESOLVED_FILE))
+
+
+def check_run_dir(root: Path, overwrite: bool, raw: dict[str, Any], resolved: dict[str, Any]
+                  ) -> Literal["new", "restart", "continue"]:
+    """What a run does with its directory: write a new one, delete factmem's and start over
+    (--restart), or continue it (the same config only). Refuses a file in its place, a delete
+    through a symbolic link and a delete of anything factmem did not write. The dry run and the
+    run both ask this, the run again once it holds the lock."""
+    if root.is_symlink() and overwrite:
+        raise FactmemError(f"{root} is a symbolic link; factmem never deletes through one "
+                           "(--restart): delete its target yourself or give --output DIR")
+    if os.path.lexists(root) and not root.is_dir():
+        raise FactmemError(f"{root} is a file, not a directory; give --output DIR or another "
+                           "name: to write elsewhere")
+    if not root.exists() or not any(root.iterdir()):
+        return "new"
+    if overwrite:
+        if not owns(root):
+            raise FactmemError(
+                f"{root} exists and is not a factmem run (no {MARKER_FILE}, no {CONFIG_FILE} + "
+                f"{RESOLVED_FILE}); factmem deletes only directories it wrote (--restart): move "
+                "it away or give --output DIR")
+        return "restart"
+    check_resumable(root, raw, resolved)
+    return "continue"
+
+
+def remove_run_dir(root: Path) -> None:
+    """Delete a run directory for --restart, checked as `check_run_dir` checks it. shutil.rmtree
+    removes symbolic links inside it and never follows them."""
+    if root.is_symlink() or not owns(root):
+        raise FactmemError(f"{root}: not deleted: not a factmem run directory")
+    log.info("deleting the run directory %s (--restart)", root)
+    shutil.rmtree(root)
+
+
+def mark(root: Path) -> None:
+    """The marker that makes `root` factmem's (written before anything else in it)."""
+    from factmem import __version__
+
+    if not (root / MARKER_FILE).is_file():
+        files.write_json(root / MARKER_FILE, {"written_by": "factmem", "version": __version__})
+
+
+# --------------------------------------------------------------------------------------------
+# Reading back, and damaged files
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a run; a damaged one is one line naming it and what to do."""
+    with reading(path):
+        return files.read_json(path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with reading(path):
+        return files.read_jsonl(path)
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Around a read of `path` (JSON, safetensors): a damaged file becomes one line naming it
+    and saying what to do (`repair_advice`)."""
+    try:
+        yield
+    except json.JSONDecodeError as e:
+        raise damaged(path, f"not valid JSON: {e.msg}, line {e.lineno}") from None
+    except UnicodeDecodeError:
+        raise damaged(path, "not UTF-8") from None
+    except SafetensorError as e:
+        raise damaged(path, str(e).splitlines()[0][:160]) from None
+
+
+def damaged(path: Path, reason: str) -> FactmemError:
+    return FactmemError(f"{path}: corrupted or truncated ({reason}); {repair_advice(path)}")
+
+
+SEED_DIR_PATTERN = re.compile(r"seed\d+")
+
+
+def repair_advice(path: Path) -> str:
+    """What to do about a damaged file of a run directory: what to delete, and what is then
+    done again when the same command runs again."""
+    again = "and run `factmem run` again with the same config"
+    restart = "or pass --restart to start the run over"
+    # the variant/seed directory it is in: RUN/VARIANT/seedS (RUN written by factmem)
+    seed_dir = next((p for p in path.parents
+                     if SEED_DIR_PATTERN.fullmatch(p.name) and owns(p.parent.parent)), None)
+    resume = next((p for p in path.parents if p.parent.name == RESUME_DIR), None)
+    if seed_dir is not None and resume is not None and seed_dir in resume.parents:
+        stage = resume.parent.parent  # resume/step-N/... or resume/final/...
+        if resume.name.startswith(STEP_PREFIX):
+            return (f"delete {resume} {again} (stage {stage.name[3:]} of "
+                    f"{_seed_label(seed_dir)} restarts from its beginning), {restart}")
+        return f"delete {resume} {again} ({_seed_label(seed_dir)} is trained again), {restart}"
+    if seed_dir is not None:
+        return f"delete {seed_dir} {again} ({_seed_label(seed_dir)} is trained again), {restart}"
+    if path.parent.name == ANALYSIS_DIR:
+        return f"delete {path} and run `factmem analyze` again"
+    if path.name in (CONFIG_FILE, RESOLVED_FILE):
+        return "pass --restart to start the run over, or --output DIR to write elsewhere"
+    return f"delete {path} {again} (it is written anew), {restart}"
+
+
+def _seed_label(seed_dir: Path) -> str:
+    return f"{seed_dir.parent.name}/{seed_dir.name}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,9 +727,11 @@ def load_stage_weights(model, stage_dir: Path) -> None:
         dist.load_sharded(dist.model_tensors(model), path / SHARDED_MODEL_DIR)
         dist.set_rng_state(rank_rng_state(path))
         return
-    load_model(model, str(path / MODEL_WEIGHTS))
-    torch.set_rng_state(load_file(str(path / TORCH_RNG))["torch"])
-    set_host_rng_state(files.read_json(path / STATE_FILE)["rng"])
+    with reading(path / MODEL_WEIGHTS):
+        load_model(model, str(path / MODEL_WEIGHTS))
+    with reading(path / TORCH_RNG):
+        torch.set_rng_state(load_file(str(path / TORCH_RNG))["torch"])
+    set_host_rng_state(read_json(path / STATE_FILE)["rng"])
 
 
 def has_stage_weights(stage_dir: Path) -> bool:
@@ -499,7 +762,7 @@ def rank_rng_state(path: Path) -> dict[str, Any]:
     """This rank's RNG states in a sharded directory; rank 0's when the directory was written
     by fewer processes."""
     mine = path / RANK_FILE.format(rank=dist.rank())
-    return files.read_json(mine if mine.is_file() else path / RANK_FILE.format(rank=0))
+    return read_json(mine if mine.is_file() else path / RANK_FILE.format(rank=0))
 
 
 # the Python/NumPy part of a stage's RNG state (torch's is a tensor, saved beside): one

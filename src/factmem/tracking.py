@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from factmem import files, rundir
+from factmem import rundir
 from factmem.errors import ConfigError
 from factmem.train.loop import StageCallback, StageContext
 
@@ -119,11 +119,11 @@ class RunTracker:
         """Log a stage that was copied, not trained, from its files; returns its steps. Events
         go out in step order (wandb drops a step lower than one it has seen)."""
         events = [(offset + row["step"], step_values(row, stage_index))
-                  for row in files.read_jsonl(stage_dir / rundir.TRAIN_LOG_FILE)]
+                  for row in rundir.read_jsonl(stage_dir / rundir.TRAIN_LOG_FILE)]
         if (stage_dir / rundir.RETENTION_FILE).is_file():
             events += [(offset + step, values) for step, values
-                       in retention_values(files.read_jsonl(stage_dir / rundir.RETENTION_FILE))]
-        metrics = files.read_json(stage_dir / rundir.METRICS_FILE)
+                       in retention_values(rundir.read_jsonl(stage_dir / rundir.RETENTION_FILE))]
+        metrics = rundir.read_metrics(stage_dir)
         steps = int(metrics["train"]["steps"])
         events.append((offset + steps, eval_values(metrics["eval"])))
         for step, values in sorted(events, key=lambda e: e[0]):  # stable: same-step order kept

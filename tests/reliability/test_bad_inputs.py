@@ -34,6 +34,7 @@ def data_file(tmp: Path, content: bytes | str, name: str = "qa.jsonl") -> str:
 
 
 ROW = '{"id": "%s", "question": "%s", "answer": "x"}\n'
+NEW_KVR_A = "sets.kvr_a=!replace "  # a new definition of the set (a mapping alone merges)
 
 # (case, how to break the input: fn(tmp, config_path, model_dir) -> extra CLI args, message)
 CASES = {
@@ -72,25 +73,25 @@ CASES = {
     "unknown set reference": (
         lambda t, c, m: ["--set", "stages.stage2.set=kvr_c"], "stages.1.set: no set named 'kvr_c'"),
     "missing file": (
-        lambda t, c, m: ["--set", "sets.kvr_a={source: jsonl, path: /nonexistent/qa.jsonl}"],
+        lambda t, c, m: ["--set", NEW_KVR_A + "{source: jsonl, path: /nonexistent/qa.jsonl}"],
         "/nonexistent/qa.jsonl: no such file"),
     "row missing a field": (
-        lambda t, c, m: ["--set", "sets.kvr_a={{source: jsonl, path: {}}}".format(data_file(
+        lambda t, c, m: ["--set", NEW_KVR_A + "{{source: jsonl, path: {}}}".format(data_file(
             t, ROW % ("a", "q1") + '{"question": "q2"}\n'))],
         "qa.jsonl:2: row has no field 'answer'"),
     "malformed JSON row": (
-        lambda t, c, m: ["--set", "sets.kvr_a={{source: jsonl, path: {}}}".format(data_file(
+        lambda t, c, m: ["--set", NEW_KVR_A + "{{source: jsonl, path: {}}}".format(data_file(
             t, ROW % ("a", "q1") + '{"question": "q2", \n'))], "qa.jsonl:2: malformed JSON"),
     "non-UTF-8 data": (
-        lambda t, c, m: ["--set", "sets.kvr_a={{source: jsonl, path: {}}}".format(data_file(
+        lambda t, c, m: ["--set", NEW_KVR_A + "{{source: jsonl, path: {}}}".format(data_file(
             t, (ROW % ("a", "q1")).encode() + b'{"question": "caf\xe9", "answer": "x"}\n'))],
         "qa.jsonl:2: not UTF-8"),
     "duplicate ids": (
-        lambda t, c, m: ["--set", "sets.kvr_a={{source: jsonl, path: {}, id_field: id}}".format(
+        lambda t, c, m: ["--set", NEW_KVR_A + "{{source: jsonl, path: {}, id_field: id}}".format(
             data_file(t, ROW % ("q1", "a") + ROW % ("q2", "b") + ROW % ("q1", "c")))],
         "sets.kvr_a: source 'jsonl' produced duplicate id 'jsonl:q1'"),
     "empty data file": (
-        lambda t, c, m: ["--set", "sets.kvr_a={{source: jsonl, path: {}}}".format(
+        lambda t, c, m: ["--set", NEW_KVR_A + "{{source: jsonl, path: {}}}".format(
             data_file(t, "\n"))],
         "qa.jsonl: no rows"),
     "empty set": (lambda t, c, m: ["--set", "sets.kvr_a.n=0"], "sets.kvr_a.n: must be >= 1"),
@@ -98,12 +99,12 @@ CASES = {
         lambda t, c, m: ["--set", "model.max_length=16"], "longer than model.max_length = 16"),
     "item longer than the model's context": (
         lambda t, c, m: ["--set", "model.max_length=4096", "--set",
-                         "sets.kvr_a={{source: jsonl, path: {}}}".format(
+                         NEW_KVR_A + "{{source: jsonl, path: {}}}".format(
                              data_file(t, ROW % ("a", "q" * 600)))],
         "tokens, longer than the model's context (512 positions"),
     "run name escaping upwards": (
         lambda t, c, m: ["--set", "name=../escaped"],
-        "name: '../escaped' is not a plain directory name"),
+        "name: '../escaped' is not a plain name"),
     "absolute run name": (
         lambda t, c, m: ["--set", "name=/tmp/escaped"], "name: '/tmp/escaped' is not a plain"),
     "checkpoint_every zero": (
@@ -141,18 +142,18 @@ CASES = {
         lambda t, c, m: ["--set", "train={lr: 1.0e-3, lr: 2.0e-3}"],
         "duplicate key 'lr' (twice on line 1)"),
     "directory as a data path": (
-        lambda t, c, m: ["--set", f"sets.kvr_a={{source: jsonl, path: {t}}}"],
+        lambda t, c, m: ["--set", NEW_KVR_A + f"{{source: jsonl, path: {t}}}"],
         "a directory, neither a data file (.jsonl, .json, .csv, .tsv, .parquet) nor a"),
     "empty answer": (
-        lambda t, c, m: ["--set", "sets.kvr_a={{source: jsonl, path: {}}}".format(data_file(
+        lambda t, c, m: ["--set", NEW_KVR_A + "{{source: jsonl, path: {}}}".format(data_file(
             t, ROW % ("a", "q1") + '{"question": "q2", "answer": " "}\n'))],
         "qa.jsonl:2: field 'answer': empty answer"),
     "truncated last JSONL line": (
-        lambda t, c, m: ["--set", "sets.kvr_a={{source: jsonl, path: {}}}".format(data_file(
+        lambda t, c, m: ["--set", NEW_KVR_A + "{{source: jsonl, path: {}}}".format(data_file(
             t, ROW % ("a", "q1") + '{"question": "q2", "ans'))],
         "the file ends in the middle of this row (truncated?)"),
     "n larger than the file": (
-        lambda t, c, m: ["--set", "sets.kvr_a={{source: jsonl, path: {}, n: 5}}".format(data_file(
+        lambda t, c, m: ["--set", NEW_KVR_A + "{{source: jsonl, path: {}, n: 5}}".format(data_file(
             t, ROW % ("a", "q1") + ROW % ("b", "q2")))],
         "qa.jsonl has 2 items; cannot take n=5 from offset=0"),
 }

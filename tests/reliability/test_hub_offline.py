@@ -48,7 +48,7 @@ def test_a_public_set_from_the_hub_offline_is_one_line_within_seconds(no_hub, ti
                                                                       tmp_path, capsys):
     cfg = write_config(tiny_model_dir, tmp_path)
     err, seconds = run_timed(["run", str(cfg), "--no-progress", "--dry-run",
-                              "--set", "sets.kvr_a={source: popqa, n: 2}"], capsys)
+                              "--set", "sets.kvr_a=!replace {source: popqa, n: 2}"], capsys)
     assert seconds < 10
     assert err.startswith("factmem: error: sets.kvr_a: hub dataset akariasai/PopQA[test]: the "
                           "Hugging Face hub (http://127.0.0.1:9) is unreachable ("), err

@@ -156,22 +156,22 @@ def test_a_utf8_byte_order_mark_is_read_past(tmp_path, name, content):
 
 CLI_CASES = {
     "row missing its id_field": (
-        lambda t: ["--set", f"sets.kvr_a={{source: jsonl, path: {t / 'qa.jsonl'}, id_field: id}}"],
+        lambda t: ["--set", f"sets.kvr_a=!replace {{source: jsonl, path: {t / 'qa.jsonl'}, id_field: id}}"],
         "qa.jsonl:2: row has no field 'id' (fields: answer, question)"),  # the first has one
     "prompt_template naming an unknown field": (
-        lambda t: ["--set", f"sets.kvr_a={{source: jsonl, path: {t / 'qa.jsonl'}, "
+        lambda t: ["--set", f"sets.kvr_a=!replace {{source: jsonl, path: {t / 'qa.jsonl'}, "
                    "prompt_template: '{question} {context}'}"],
         "sets.kvr_a.prompt_template: unknown field {context}; only {question} is filled in"),
     "prompt_template with a stray brace": (
-        lambda t: ["--set", f"sets.kvr_a={{source: jsonl, path: {t / 'qa.jsonl'}, "
+        lambda t: ["--set", f"sets.kvr_a=!replace {{source: jsonl, path: {t / 'qa.jsonl'}, "
                    "prompt_template: '{question'}"],
         "sets.kvr_a.prompt_template: expected '}' before end of string"),
     "a public set's prompt_template": (
-        lambda t: ["--set", "sets.kvr_a={source: popqa, path: x.tsv, "
+        lambda t: ["--set", "sets.kvr_a=!replace {source: popqa, path: x.tsv, "
                    "prompt_template: '{question.upper}'}"],
         "sets.kvr_a.prompt_template: unknown field {question.upper}"),
     "a null answer": (
-        lambda t: ["--set", "sets.kvr_a={{source: jsonl, path: {}}}".format(
+        lambda t: ["--set", "sets.kvr_a=!replace {{source: jsonl, path: {}}}".format(
             write(t, "null.jsonl", '{"question": "q", "answer": null}\n'))],
         "null.jsonl:1: field 'answer': expected text, got null"),
 }

@@ -121,7 +121,7 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted_run(tiny_model_dir, 
 def test_changed_config_is_refused_naming_keys_and_restart_starts_over(tiny_model_dir, tmp_path,
                                                                        capsys):
     cfg = config(tiny_model_dir, tmp_path, stage2_epochs=1)
-    short = ["--set", "variants={}", "--set", "stages=[{name: stage1, set: kvr_a}]"]
+    short = ["--set", "variants=!replace {}", "--set", "stages=[{name: stage1, set: kvr_a}]"]
     assert main(["run", str(cfg), "--no-progress", *short]) == 0
     run = tmp_path / "runs" / "tiny"
     before = result_files(run)

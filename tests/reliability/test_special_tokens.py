@@ -60,7 +60,7 @@ def test_run_and_dry_run_refuse_with_file_and_line(field, model, mode, request, 
     data = tmp_path / "qa.jsonl"
     data.write_text(ROWS % BAD[field])
     cfg = write_config(request.getfixturevalue(model), tmp_path)
-    args = ["--set", f"sets.kvr_a={{source: jsonl, path: {data}}}"]
+    args = ["--set", f"sets.kvr_a=!replace {{source: jsonl, path: {data}}}"]
     capsys.readouterr()  # the model fixture's own output
     assert main(["run", str(cfg), "--no-progress", *mode, *args]) == 2
     err = capsys.readouterr().err

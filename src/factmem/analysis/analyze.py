@@ -44,6 +44,7 @@ from factmem.rundir import (
     checkpoint_dir,
     open_run,
     predictions_file,
+    read_jsonl,
     stage_dirs,
 )
 
@@ -126,7 +127,7 @@ def _kept_rows(root: Path, variants: Sequence[str]) -> Tables:
         for table in TABLES:
             path = analysis_table(root, table)
             if path.is_file():
-                tables[table] = [r for r in files.read_jsonl(path)
+                tables[table] = [r for r in read_jsonl(path)
                                  if r["variant"] not in variants]
     return tables
 
@@ -172,7 +173,7 @@ def collect_retention(dirs, key) -> list[dict[str, Any]]:
     rows = []
     for _, _, d in dirs:
         if (d / RETENTION_FILE).is_file():
-            rows += [{**key, **r} for r in files.read_jsonl(d / RETENTION_FILE)]
+            rows += [{**key, **r} for r in read_jsonl(d / RETENTION_FILE)]
     return rows
 
 
@@ -185,7 +186,7 @@ def collect_graded(cfg: ExperimentConfig, dirs, key) -> list[dict[str, Any]]:
                 rows += [{**key, "stage": stage, "set": name, "id": p["id"],
                           "correct": p["correct"], "token_acc": p["token_acc"],
                           "logprob": p["logprob"]}
-                         for p in files.read_jsonl(path)]
+                         for p in read_jsonl(path)]
     return rows
 
 

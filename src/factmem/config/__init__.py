@@ -30,6 +30,7 @@ from factmem.config.schema import (
     StopConfig,
     TrainConfig,
 )
+from factmem.config.yaml_io import Replace, dump_yaml
 
 __all__ = [
     "EvalConfig",
@@ -41,6 +42,7 @@ __all__ = [
     "ModelConfig",
     "OutputConfig",
     "RegularizerConfig",
+    "Replace",
     "ReplayConfig",
     "SetConfig",
     "StageConfig",
@@ -49,6 +51,7 @@ __all__ = [
     "_Invalid",  # private: imported by tests of the coercion itself
     "_coerce",
     "_parse_with_source_params",
+    "dump_yaml",
     "experiment_from_dict",
     "load_experiment",
     "parse",

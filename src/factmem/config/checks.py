@@ -1,22 +1,81 @@
 """Checks across sections, run once the sections are parsed: names that must refer to something
 (sets, earlier stages, tracked sets, variants), amounts given exactly one way, selections in
-range, the options of the continual-learning baselines, and a run name that stays a name.
+range, the options of the continual-learning baselines, and names that stay names.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
+from typing import Any
 
 from factmem.config.coerce import _Invalid, _join, _unknown_ref, to_dict
 from factmem.config.schema import ExperimentConfig
 from factmem.data import SOURCES, get_source
 
+# Names that become file or folder names of a run (the run, sets, stages, variants): one path
+# component on every file system, so never '/', '\\', '..', '.', NUL, control characters, an
+# absolute path or an empty name. ASCII letters and digits and `_ - . + = ,`, starting with a
+# letter, digit or `_` (so never hidden, never '.' or '..', never read as an option); at most
+# 100 characters (a file name holds 255 bytes, and factmem adds `01-`, `.jsonl`, `.tmpPID`).
+# Grid-made variant names (`v[lr=0.001]`) are made by factmem from a checked base name; their
+# folders are checked in `_check_variant_folders`.
+NAME_MAX = 100
+NAME_PATTERN = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.+=,-]{{0,{NAME_MAX - 1}}}")
+NAME_RULE = (f"use 1 to {NAME_MAX} letters, digits and _ - . + = , starting with a letter, "
+             "digit or _; it names a file or folder of the run")
 
-def _check_run_name(name: str) -> None:
-    """The run directory is output.dir/name: a name must not lead anywhere else."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).is_absolute():
-        raise _Invalid("name", f"{name!r} is not a plain directory name (no '/', '..' or "
-                       "absolute paths: the run directory must stay inside output.dir)")
+
+def _check_name(name: Any, path: str) -> None:
+    """`name` (found at `path` of the config) is a plain name: see NAME_PATTERN."""
+    if isinstance(name, str) and NAME_PATTERN.fullmatch(name):
+        return
+    if isinstance(name, str) and len(name) > NAME_MAX and NAME_PATTERN.fullmatch(name[:NAME_MAX]):
+        raise _Invalid(path, f"{name[:20]!r}... is {len(name)} characters long ({NAME_RULE})")
+    raise _Invalid(path, f"{name!r} is not a plain name ({NAME_RULE})")
+
+
+def _check_names(cfg: ExperimentConfig) -> None:
+    """The run's, the sets' and the stages' names. Sets name files (`predictions/SET.jsonl`):
+    two that differ only in case would share one on a case-insensitive file system (macOS,
+    Windows). Stage folders are numbered (`01-NAME`), so stage names cannot collide."""
+    _check_name(cfg.name, "name")
+    for name in cfg.sets:
+        _check_name(name, "sets")
+    _check_case_collisions(list(cfg.sets), "sets")
+    for i, st in enumerate(cfg.stages):
+        _check_name(st.name, f"stages.{i}.name")
+
+
+def _check_case_collisions(names: list[str], path: str) -> None:
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(name.casefold(), name)
+        if other != name:
+            raise _Invalid(path, f"{other!r} and {name!r} differ only in case (they would share "
+                           "a file or folder on a case-insensitive file system); rename one")
+
+
+def _check_variant_folders(names: list[str]) -> None:
+    """Every variant gets a folder of its own. A grid-made name becomes a folder by
+    `rundir.safe_name` (characters outside the pattern become '_'), so two grid values can map
+    to the same folder ('a b' and 'a_b'), as can names that differ only in case."""
+    from factmem.rundir import safe_name  # the run directory's layout (imports the models)
+
+    folders: dict[str, str] = {}
+    for name in names:
+        folder = safe_name(name)
+        if len(folder) > 2 * NAME_MAX:
+            raise _Invalid("variants", f"the grid-made variant {name[:40]!r}... makes a folder "
+                           f"name of {len(folder)} characters (at most {2 * NAME_MAX}); grid "
+                           "over shorter values or name the variants one by one")
+        other = folders.setdefault(folder.casefold(), name)
+        if other == name:
+            continue
+        if safe_name(other) == folder:
+            raise _Invalid("variants", f"{other!r} and {name!r} would share the folder "
+                           f"{folder!r}; make their values differ in letters or digits")
+        raise _Invalid("variants", f"{other!r} and {name!r} differ only in case (they would "
+                       "share a folder on a case-insensitive file system); rename one")
 
 
 def _check_selection(n: int | None, offset: int, path: str) -> None:

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from factmem.config.checks import (
+    _check_names,
     _check_references,
-    _check_run_name,
     _check_selection,
     _check_variant_baselines,
+    _check_variant_folders,
 )
 from factmem.config.coerce import _as_list, _Invalid, _parse_with_source_params, parse
 from factmem.config.overrides import (
@@ -49,9 +50,12 @@ def experiment_from_dict(
     raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "<dict>"
 ) -> Experiment:
     raw = copy.deepcopy(raw)
-    try:
-        for text in overrides:
+    for text in overrides:
+        try:
             apply_override(raw, *parse_override(text))
+        except _Invalid as e:
+            raise ConfigError(f"--set {text!r}: {e}") from None
+    try:
         raw.setdefault("name", Path(source).stem if source != "<dict>" else "experiment")
         base = _parse_experiment(raw)  # validates the config as written
         variants: dict[str, ExperimentConfig] = {}
@@ -61,6 +65,7 @@ def experiment_from_dict(
                 variants[name] = _parse_experiment(vraw)
             except _Invalid as e:
                 raise _Invalid(f"variants.{name}", str(e)) from None
+        _check_variant_folders(list(variants))
         _check_variant_baselines(variants, base.baseline)
     except _Invalid as e:
         raise ConfigError(f"{source}: {e}") from None
@@ -92,8 +97,8 @@ def _parse_experiment(raw: dict[str, Any], path: str = "") -> ExperimentConfig:
     cfg.sets, cfg.stages = sets, stages
     if not cfg.track:
         cfg.track = list(dict.fromkeys(x for s in stages for x in (s.set, *s.joint)))
+    _check_names(cfg)
     _check_references(cfg)
-    _check_run_name(cfg.name)
     return cfg
 
 

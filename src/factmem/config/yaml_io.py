@@ -1,9 +1,11 @@
-"""Reading YAML: duplicate keys refused (naming both lines), YAML 1.2 booleans, and aliases
+"""Reading YAML: duplicate keys refused (naming both lines), YAML 1.2 booleans, aliases
 bounded (a 1 KB "billion laughs" file expands to billions of values: every later step, from
-the config comparison to an error quoting the value, would walk them all).
+the config comparison to an error quoting the value, would walk them all), and the `!replace`
+tag (a mapping that replaces the section it is set on instead of merging into it).
 
 Config files and `--set` values both go through `load_yaml_text`; `read_yaml` turns every
 failure into a one-line ConfigError naming the file and, where known, the line and column.
+`dump_yaml` writes a config back (the run directory's config.yaml), `!replace` included.
 """
 
 from __future__ import annotations
@@ -95,6 +97,34 @@ UniqueKeyLoader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 UniqueKeyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+class Replace(dict):
+    """A mapping tagged `!replace`: overrides, variant keys and a stage's `train` merge into the
+    section they are set on key by key; this one replaces it whole."""
+
+
+def _construct_replace(loader: UniqueKeyLoader, node: yaml.Node) -> Replace:
+    if not isinstance(node, yaml.MappingNode):
+        raise yaml.constructor.ConstructorError(
+            None, None, "!replace takes a mapping, e.g. !replace {lr: 1.0e-4}", node.start_mark)
+    return Replace(loader.construct_mapping(node, deep=True))
+
+
+UniqueKeyLoader.add_constructor("!replace", _construct_replace)
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """yaml.SafeDumper that writes a `Replace` mapping with its tag."""
+
+
+_ConfigDumper.add_representer(
+    Replace, lambda dumper, data: dumper.represent_mapping("!replace", dict(data)))
+
+
+def dump_yaml(data: Any) -> str:
+    """A config as YAML that `load_yaml_text` reads back the same, `!replace` included."""
+    return yaml.dump(data, Dumper=_ConfigDumper, sort_keys=False)
 
 
 def load_yaml_text(text: str) -> Any:

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from factmem import distributed as dist
-from factmem import files
+from factmem import files, signals
 from factmem.errors import FactmemError
 from factmem.rundir import (
     MODEL_WEIGHTS,
@@ -39,6 +39,8 @@ from factmem.rundir import (
     STEP_PREFIX,
     host_rng_state,
     rank_rng_state,
+    read_json,
+    reading,
     set_host_rng_state,
     write_sharded,
 )
@@ -57,6 +59,7 @@ class StageCheckpointer(StageCallback):
         self.every = every
         self.write = write
         self.restored_step: int | None = None
+        self.saved: tuple[int, Path] | None = None  # (step, directory) of the latest save
 
     # saving ------------------------------------------------------------------------------
     def on_step_end(self, ctx: StageContext, row: dict[str, Any]) -> None:
@@ -81,6 +84,7 @@ class StageCheckpointer(StageCallback):
             # allow_nan: a NaN loss row is recorded as such
             files.write_json(tmp / STATE_FILE, state)
         self._keep_only(path)
+        self.saved = (ctx.step, path)
         return path
 
     def _keep_only(self, path: Path) -> None:
@@ -100,6 +104,7 @@ class StageCheckpointer(StageCallback):
                       {**training_state(ctx), "optimizer": opt_state, **(extra or {})})
         if dist.rank() == 0:
             self._keep_only(path)
+        self.saved = (ctx.step, path)
         return path
 
     # restoring ---------------------------------------------------------------------------
@@ -115,7 +120,7 @@ class StageCheckpointer(StageCallback):
             path = self.dir / name if name else None
         if path is None:
             return
-        state = files.read_json(path / STATE_FILE)
+        state = read_json(path / STATE_FILE)  # damaged: one line, naming what to delete
         check_format(path, state, sharded)
         if sharded:
             _load_sharded(ctx, path, state)
@@ -141,6 +146,34 @@ class StageCheckpointer(StageCallback):
                 shutil.rmtree(p, ignore_errors=True)
 
 
+class CheckpointOnSigterm(StageCallback):
+    """While the stage's steps run, a SIGTERM waits for the step's end (factmem.signals). There,
+    if one came: save a resumable checkpoint (unless the periodic one was just taken; also when
+    `checkpoint_every` is null: the stop is what it is for) and stop the run. Last in the
+    callback list, so that every other callback has seen the step (a resumed stage does not run
+    it again). Under several processes they agree first, so that all stop at the same step
+    (under FSDP the save is collective)."""
+
+    def __init__(self, checkpointer: StageCheckpointer):
+        self.checkpointer = checkpointer
+
+    def on_stage_start(self, ctx: StageContext) -> None:
+        signals.training_starts()
+
+    def on_stage_end(self, ctx: StageContext) -> None:
+        signals.training_ends()
+
+    def on_step_end(self, ctx: StageContext, row: dict[str, Any]) -> None:
+        stop = signals.requested()
+        if dist.world_size() > 1:
+            stop = dist.any_rank(stop, ctx.accelerator.device)
+        if not stop:
+            return
+        saved = self.checkpointer.saved
+        path = saved[1] if saved and saved[0] == ctx.step else self.checkpointer.save(ctx)
+        raise signals.Terminated(f"the training state at step {ctx.step} is saved in {path}")
+
+
 def training_state(ctx: StageContext) -> dict[str, Any]:
     """Everything but tensors and RNG states: the same JSON in both formats."""
     return {
@@ -153,8 +186,10 @@ def training_state(ctx: StageContext) -> dict[str, Any]:
 
 
 def _load_whole(ctx: StageContext, path: Path, state: dict[str, Any]) -> None:
-    load_model(ctx.accelerator.unwrap_model(ctx.model), str(path / MODEL_WEIGHTS))
-    tensors = load_file(str(path / OPTIMIZER_WEIGHTS))
+    with reading(path / MODEL_WEIGHTS):
+        load_model(ctx.accelerator.unwrap_model(ctx.model), str(path / MODEL_WEIGHTS))
+    with reading(path / OPTIMIZER_WEIGHTS):
+        tensors = load_file(str(path / OPTIMIZER_WEIGHTS))
     torch.set_rng_state(tensors.pop("rng.torch"))
     ctx.optimizer.load_state_dict(join_optimizer_state(tensors, state["optimizer"]))
     set_host_rng_state(state["rng"])
