@@ -536,13 +536,35 @@ def check_resumable(root: Path, raw: dict[str, Any], resolved: dict[str, Any]) -
     old_raw = _load_yaml(root / CONFIG_FILE)
     keys = [k for k in diff_keys(old_raw, raw) if not k.startswith(OPERATIONAL_KEYS)]
     if not keys and saved.is_file():  # (killed between writing the two files: raw only)
+        from factmem.config.schema import is_new_default
+
         old = read_json(saved)
         keys = [k for k in diff_keys(old, resolved)
-                if not k.split(".", 1)[-1].startswith(OPERATIONAL_KEYS)]
+                if not k.split(".", 1)[-1].startswith(OPERATIONAL_KEYS)
+                and not _added_since(old, resolved, k, is_new_default)]
     if keys:
         shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
         raise FactmemError(f"run directory {root} holds a different config (changed: {shown}); "
                            "pass --restart to start over or --output DIR to write elsewhere")
+
+
+def _added_since(old: dict[str, Any], new: dict[str, Any], key: str, is_new_default) -> bool:
+    """`key` (VARIANT.dotted.path) is missing from a run written before its field existed,
+    and holds that field's default now: the old run ran with it."""
+    def lookup(tree: Any, parts: list[str]) -> tuple[bool, Any]:
+        for p in parts:
+            if isinstance(tree, dict) and p in tree:
+                tree = tree[p]
+            elif isinstance(tree, list) and p.isdigit() and int(p) < len(tree):
+                tree = tree[int(p)]
+            else:
+                return False, None
+        return True, tree
+
+    parts = key.split(".")
+    in_old, _ = lookup(old, parts)
+    in_new, value = lookup(new, parts)
+    return not in_old and in_new and is_new_default(".".join(parts[1:]), value)
 
 
 def _load_yaml(path: Path) -> Any:

@@ -357,3 +357,43 @@ class ExperimentConfig:
     compare_with: list[str] = field(default_factory=list)
     """further variants this one is compared with, beside its baseline, e.g. a non-factoid
     D_B against each factoid D_B (one comparison row per pair)"""
+
+
+_NO_DEFAULT = object()
+
+
+def default_at(path: str, cls: type = ExperimentConfig) -> Any:
+    """The default of the field at dotted `path` of a resolved config (list indices and dict
+    keys, such as stage numbers and set names, step into the element type), or _NO_DEFAULT.
+    A run directory written before a field existed ran with that field's default."""
+    import dataclasses
+    import typing
+
+    head, _, rest = path.partition(".")
+    if not dataclasses.is_dataclass(cls):
+        return _NO_DEFAULT
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if head not in fields:
+        return _NO_DEFAULT
+    f = fields[head]
+    if not rest:
+        if f.default is not dataclasses.MISSING:
+            return f.default
+        if f.default_factory is not dataclasses.MISSING:
+            return f.default_factory()
+        return _NO_DEFAULT
+    hint = typing.get_type_hints(cls)[head]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (list, dict) and args:  # step over the index or key
+        _, _, rest = rest.partition(".")
+        hint = args[-1]
+        if not rest:
+            return _NO_DEFAULT
+    inner = next((a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)), None)
+    return _NO_DEFAULT if inner is None else default_at(rest, inner)
+
+
+def is_new_default(path: str, value: Any) -> bool:
+    """Whether `value` at `path` is what a field that did not exist yet would have meant."""
+    d = default_at(path)
+    return d is not _NO_DEFAULT and d == value
