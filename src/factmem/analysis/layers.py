@@ -1,19 +1,25 @@
-"""Finding a causal LM's parts generically: its final norm, unembedding and per-layer parameter
-groups (the decoder layers themselves: `models.decoder_layers`).
+"""Finding a causal LM's parts generically: its final norm, unembedding, the logits it makes
+of a last-layer hidden state, and per-layer parameter groups (the decoder layers themselves:
+`models.decoder_layers`).
 
 No list of architectures: the final norm is the norm module the decoder applies before the
-unembedding (`norm`, `final_layernorm`, `ln_f`, ... on the decoder), and the unembedding is
-`get_output_embeddings()`.
+unembedding (`norm`, `final_layernorm`, `ln_f`, ... on the decoder; Gemma's `(1 + w)` scaling
+is inside its norm module, so calling the module applies it), the unembedding is
+`get_output_embeddings()`, and a soft-capping of the logits comes from the config
+(`final_logit_softcapping`, Gemma2). The logit lens checks on every batch that this recipe gives
+the model's own logits at the last layer (`logit_lens.lens_logits`), so a family that does
+something else to its logits is refused there rather than decoded wrongly.
 """
 
 from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
 
 from factmem.errors import ModelError
-from factmem.models import decoder_layers
+from factmem.models import decoder_layers, text_config
 
 NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "final_norm")
 
@@ -42,6 +48,20 @@ def unembedding(model) -> nn.Module:
     if head is None:
         raise ModelError(f"{type(model).__name__}: no output embeddings (not a causal LM head)")
     return head
+
+
+def logit_softcap(model) -> float | None:
+    """c in logits -> c * tanh(logits / c), where the family soft-caps its logits (Gemma2)."""
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits the model makes of a last-layer hidden state: [..., H] -> [..., V], through
+    its final norm, its unembedding and its logit soft-capping."""
+    logits = unembedding(model)(final_norm(model)(hidden))
+    cap = logit_softcap(model)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def layer_param_groups(model, block: int = 1) -> list[tuple[str, int, int, list[str]]]:
