@@ -31,6 +31,10 @@ class ModelConfig:
     """e.g. sdpa, eager, flash_attention_2; default: sdpa where the family supports it (on 2
     CPU cores it trains SmolLM2 ~15% faster than eager: benchmarks/RESULTS.md), eager where it
     does not (Gemma2, whose attention soft-capping SDPA cannot compute)"""
+    architecture: str | None = None
+    """a config.json (or a directory holding one) with the model's architecture, read by
+    `--dry-run`'s memory plan instead of the model's own config: plans a hub model without the
+    hub (configs/models/ holds published ones); training always uses the model's own"""
 
     def __post_init__(self) -> None:
         if self.max_length < 8:
