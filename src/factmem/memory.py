@@ -334,15 +334,15 @@ def format_memory(plan: MemoryPlan, run: RunPlan | None) -> str:
         f"{size(act.per_target)} per answer token + {size(act.attention)} x T per token of a "
         f"T-token row (its attention {what})",
         "  " + " ".join(f"{h:>10}" for h in ("GPUs", "weights", "grads", "AdamW", "gathered",
-                                              "activ.", "regul.", "total")),
+                                              "activ.", "regul.")) + f" {'total':>12}",
     ]
     for n in GPU_COUNTS:
         m = plan.per_gpu(n, stages)
         cells = [size(c) for c in (m.weights, m.grads, m.adamw, m.gathered, m.activations,
                                      m.regularizers, m.total)]
-        if m.activations is None:
-            cells[-1] += " +"
-        lines.append("  " + f"{n:>10} " + " ".join(f"{c:>10}" for c in cells))
+        total = cells.pop() + (" +" if m.activations is None else "  ")
+        row = "  " + f"{n:>10} " + " ".join(f"{c:>10}" for c in cells) + f" {total:>12}"
+        lines.append(row.rstrip())
     if stages is None:
         lines.append("  activ.: unknown without the data plan (the tokens of each item need "
                      "the tokenizer), so not in the total (+)")
