@@ -75,6 +75,17 @@ def test_final_norm_is_what_feeds_the_unembedding(family, family_model):
     assert seen["head"] is seen["norm"] or torch.equal(seen["head"], seen["norm"])
 
 
+def test_the_final_norm_is_found_without_its_name(family, family_model, monkeypatch):
+    """A family whose final norm has none of the usual names: the decoder's child that feeds
+    the unembedding, seen in a forward pass, is the same module."""
+    from factmem.analysis import layers as model_parts
+
+    model, _, _ = family_model
+    by_name = final_norm(model)
+    monkeypatch.setattr(model_parts, "NORM_NAMES", ())
+    assert final_norm(model) is by_name
+
+
 def test_logit_lens_reaches_the_models_logits_at_the_last_layer(family, family_model):
     """Random weights give logits near 0, where soft-capping is invisible, and norms that all
     compute the same: the unembedding is scaled up (logits large enough for a missing cap,

@@ -58,9 +58,10 @@ def lens_logits(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.T
     """Per layer 0..N the lens logits at `positions` ([L+1, B, P, V]) and the model's own
     logits there ([B, P, V]). Raises ModelError when the last layer's lens is not the model's
     logits: the parts found are not the ones the model applies."""
+    logits_of = output_logits(model)  # before the hooks: looking the parts up may run the model
     with capture_residuals(model) as states:
         logits = model(input_ids=ids, attention_mask=mask).logits[:, positions].float()
-        per_layer = torch.stack([output_logits(model, h[:, positions]) for h in states]).float()
+        per_layer = torch.stack([logits_of(h[:, positions]) for h in states]).float()
     check_last_layer(model, per_layer[-1], logits)
     return per_layer, logits
 
