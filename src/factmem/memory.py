@@ -37,7 +37,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -139,14 +138,6 @@ class MemoryPlan:
                     + self.activations.attention * row_squares)
             most = max(most, cost)
         return most
-
-    def to_json(self, stages: list[StagePlan] | None = None) -> dict[str, Any]:
-        return {"model": self.model, "source": self.source, "model_type": self.model_type,
-                "dtype": str(self.dtype).replace("torch.", ""), "attention": self.attention,
-                "parameters": self.parameters, "tensors": len(self.shapes),
-                "activations": self.activations.__dict__.copy(),
-                "per_gpu": [{**self.per_gpu(n, stages).__dict__,
-                             "total": self.per_gpu(n, stages).total} for n in GPU_COUNTS]}
 
 
 # --------------------------------------------------------------------------------------------

@@ -156,12 +156,15 @@ def plan_stage(variant: str, seed: int, stage: StageConfig, mixture: Mixture,
     lengths = [count.lengths(c.examples) for c in mixture.components]
     tokens = epoch_tokens(lengths, stage.train)
     examples = [e for c in mixture.components for e in c.examples]
+    longest = max((n for ls in lengths for n in ls), default=0)
+    # label_padding reference pads every item to the longest with labelled tokens
+    most_targets = (longest if stage.train.label_padding == "reference"
+                    else max((count.targets(e) for e in examples), default=0))
     return StagePlan(variant, seed, stage.name,
                      [ComponentPlan(c.role, c.name, len(c.examples), t)
                       for c, t in zip(mixture.components, tokens)],
                      stage.train.batch_size, stage.train.stop.rule, stage.train.stop.epochs,
-                     reused_from, longest=max((n for ls in lengths for n in ls), default=0),
-                     most_targets=max((count.targets(e) for e in examples), default=0),
+                     reused_from, longest=longest, most_targets=most_targets,
                      grad_accum=stage.train.grad_accum,
                      extra_copies=sum(REGULARIZER_COPIES.get(r.kind, 0.0)
                                       for r in stage.regularizers))
