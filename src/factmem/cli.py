@@ -18,9 +18,8 @@ QUIET_LOGGERS = ("transformers", "accelerate", "datasets", "urllib3", "filelock"
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from factmem.config import load_experiment
-    from factmem.experiment import dry_run, run_experiment
+    from factmem.experiment import run_experiment
     from factmem.jobs import check_jobs
-    from factmem.plan import format_plan
     from factmem.results import to_markdown
 
     if args.no_progress:
@@ -28,15 +27,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     check_jobs(args.jobs, args.threads_per_job)
     exp = load_experiment(args.config, args.set)
     if args.dry_run:
-        plan, where = dry_run(exp, output_dir=args.output, overwrite=args.overwrite)
-        if not is_main_process():  # under `accelerate launch`: every process checks, one prints
-            return 0
-        print(f"{args.config}: valid (every check of the real run passed; model "
-              f"{exp.first_variant.model.name}: tokenizer loaded, weights not); variants: "
-              f"{', '.join(exp.variants)}; seeds: {exp.first_variant.seeds}")
-        print(format_plan(plan))
-        print(where)
-        return 0
+        return _dry_run(args, exp)
     summary = run_experiment(exp, output_dir=args.output, overwrite=args.overwrite,
                              progress=not args.no_progress, jobs=args.jobs,
                              threads_per_job=args.threads_per_job, break_lock=args.break_lock)
@@ -50,6 +41,40 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(comparison_markdown(summary["comparison"]))
     print(f"Results: {summary['run_dir']}/summary.md (and summary.json"
           + (", comparison.md" if "comparison" in summary else "") + ")")
+    return 0
+
+
+def _dry_run(args: argparse.Namespace, exp) -> int:
+    """Every check of the real run and the plan; the memory plan (from the model's config
+    alone) comes first, so that it is printed even where the data plan cannot be made (a hub
+    model's tokenizer without the network)."""
+    from factmem.experiment import dry_run
+    from factmem.memory import format_memory, memory_plan
+    from factmem.models import without_model_writes
+    from factmem.plan import format_plan
+
+    main_process = is_main_process()  # under `accelerate launch`: every process checks, one prints
+    try:
+        with without_model_writes():  # a dry run writes nothing, a converted model neither
+            memory = memory_plan(exp.first_variant)
+    except FactmemError as e:
+        memory, reason = None, str(e)
+    try:
+        plan, where = dry_run(exp, output_dir=args.output, overwrite=args.overwrite)
+    except FactmemError:
+        if main_process:
+            print(format_memory(memory, None) if memory is not None
+                  else f"memory plan: not made ({reason})", flush=True)
+        raise
+    if not main_process:
+        return 0
+    print(f"{args.config}: valid (every check of the real run passed; model "
+          f"{exp.first_variant.model.name}: tokenizer loaded, weights not); variants: "
+          f"{', '.join(exp.variants)}; seeds: {exp.first_variant.seeds}")
+    print(format_plan(plan))
+    print(format_memory(memory, plan) if memory is not None else f"memory plan: not made "
+          f"({reason})")
+    print(where)
     return 0
 
 

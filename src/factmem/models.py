@@ -205,20 +205,34 @@ def load_model(cfg: ModelConfig, path: str | None = None):
 
     shown = path or cfg.name  # a checkpoint of a run is named by its own path
     path, extra = (path, {}) if path else model_files(cfg.name)
-    attn = cfg.attn_implementation or "sdpa"
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=pick_dtype(cfg.dtype),
             trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=attn,
+            # None: transformers' own choice, SDPA where the family supports it and eager
+            # where it does not (Gemma2: SDPA cannot soft-cap attention scores)
+            attn_implementation=cfg.attn_implementation,
             use_safetensors=None if path == cfg.name or extra else True,
             **extra,
         )
     except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a damaged file
-        raise ModelError(f"model {shown!r}: cannot load ({_first_line(e)})") from None
+        raise ModelError(f"model {shown!r}: cannot load ({_load_error(e)})") from None
+    check_architecture(model, cfg.name)
     model.config.use_cache = False
     return model
+
+
+def _load_error(e: BaseException) -> str:
+    """transformers' reason, in one line; for a model with no causal-LM class (an encoder, an
+    encoder-decoder) the reason itself, not the list of every model type it would accept."""
+    text = _first_line(e)
+    if "Unrecognized configuration class" in text and "AutoModelForCausalLM" in text:
+        config_class = re.search(r"(\w+Config)'?>", text)
+        return (f"{config_class.group(1) if config_class else 'its config'} has no causal-LM "
+                "class in transformers (an encoder or encoder-decoder?); factmem trains "
+                "decoder-only causal LMs")
+    return text
 
 
 def _first_line(e: BaseException) -> str:
@@ -457,9 +471,14 @@ def _added_bos(tokenizer) -> int | None:
 # Model structure, found generically
 
 
+def text_config(model):
+    """The config of the text model (`get_text_config` for multimodal configs)."""
+    return getattr(model.config, "get_text_config", lambda: model.config)()
+
+
 def num_layers(model) -> int:
-    """`num_hidden_layers` of the text model (`get_text_config` for multimodal configs)."""
-    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    """`num_hidden_layers` of the text model."""
+    cfg = text_config(model)
     n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
     if not n:
         raise ModelError(f"{type(model).__name__}: config has no num_hidden_layers")
@@ -467,15 +486,92 @@ def num_layers(model) -> int:
 
 
 def decoder_layers(model) -> tuple[str, nn.ModuleList]:
-    """(qualified name, module list) of the transformer blocks, in order: the first
-    `nn.ModuleList` holding exactly `num_layers(model)` modules (no list of architectures).
-    Used by layer freezing and by the analysis instruments."""
+    """(qualified name, module list) of the transformer blocks, in order. Found by structure,
+    never by family: an `nn.ModuleList` of exactly `num_layers(model)` modules inside the text
+    decoder (`get_decoder()`, so a vision tower's blocks are not taken for a multimodal model's),
+    preferring a list whose modules are of a class the model itself declares a block
+    (`_no_split_modules`, as FSDP wraps them) over any other list of that length (a mixture
+    of experts with as many experts as layers). Used by freezing, FSDP-free analysis
+    instruments (logit lens, reversion) and the LoRA target search."""
     n = num_layers(model)
+    decoder = _text_decoder(model)
+    inside = {id(m) for m in decoder.modules()} if decoder is not None else None
     found = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, nn.ModuleList) and len(m) == n]
+             if isinstance(m, nn.ModuleList) and len(m) == n
+             and (inside is None or id(m) in inside)]
+    if not found and inside is not None:  # a decoder that does not own its blocks
+        found = [(name, m) for name, m in model.named_modules()
+                 if isinstance(m, nn.ModuleList) and len(m) == n]
     if not found:
-        raise ModelError(f"{type(model).__name__}: no module list of {n} decoder layers found")
-    return found[0]  # the outermost: vision towers etc. come after the text decoder rarely matter
+        raise ModelError(f"{type(model).__name__}: no module list of {n} decoder layers found "
+                         "(num_hidden_layers in its config)")
+    blocks = block_classes(model)
+    declared = [(name, m) for name, m in found if blocks and all(
+        is_block(layer, blocks) for layer in m)]
+    return (declared or found)[0]
+
+
+def block_classes(model) -> set[str]:
+    """The class names the model declares as its transformer blocks (`_no_split_modules`)."""
+    return set(getattr(model, "_no_split_modules", None) or ())
+
+
+def is_block(module: nn.Module, names: set[str]) -> bool:
+    """Whether `module` is of one of the classes `names` (FSDP2 subclasses a module it shards
+    as `FSDP<Class>`, so the whole class hierarchy is looked at)."""
+    return any(c.__name__ in names for c in type(module).__mro__)
+
+
+def _text_decoder(model) -> nn.Module | None:
+    """The decoder stack without the head (`get_decoder()`); None where the model has none."""
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError):
+        return None
+    return decoder if isinstance(decoder, nn.Module) else None
+
+
+def check_architecture(model, name: str) -> None:
+    """Refuse at load, in one line, a model factmem cannot train or analyse correctly: one
+    without an output embedding (every loss and verdict is read from its logits), one whose
+    decoder layers cannot be found (freezing, the analysis instruments, LoRA's targets), and
+    one that is not causal (an encoder with an LM head, BERT's: teacher forcing would show it
+    the answer it is asked for). Each is checked on the model, not looked up in a list of
+    families, so any causal LM that has them is accepted."""
+    kind = f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')})"
+    if model.get_output_embeddings() is None:
+        raise ModelError(f"model {name!r}: {kind} has no output embeddings (get_output_embeddings"
+                         "() is None); factmem needs a language-model head to score answers")
+    try:
+        decoder_layers(model)
+    except ModelError as e:
+        raise ModelError(f"model {name!r}: {kind} is not supported: {e}; factmem freezes, "
+                         "analyses and adapts models layer by layer") from None
+    if not is_causal(model):
+        raise ModelError(f"model {name!r}: {kind} is not a causal LM: its logits at a position "
+                         "change with the tokens after it, so training on answers would show "
+                         "it those answers; factmem trains decoder-only causal LMs")
+
+
+@torch.no_grad()
+def is_causal(model) -> bool:
+    """Whether the logits at each position ignore every later token: changing the last of 6
+    random tokens must leave the first 5 positions' logits as they were (two forwards of 6
+    tokens, on the model's device and dtype)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (1, 6), generator=torch.Generator().manual_seed(0))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % vocab
+    was_training = model.training
+    model.eval()  # no dropout
+    try:
+        a, b = (model(input_ids=x.to(device)).logits[0, :-1].float() for x in (ids, changed))
+    finally:
+        model.train(was_training)
+    scale = float(a.abs().max()) or 1.0
+    # a position that sees the changed token moves by O(1); rounding (bf16 included) far less
+    return float((a - b).abs().max()) <= 1e-3 * scale
 
 
 def describe(model: Any) -> dict[str, Any]:

@@ -43,6 +43,7 @@ class TokenCounter:
     def __init__(self, fmt: Formatter, context: int | None):
         self.fmt, self.context = fmt, context
         self._lengths: dict[Example, int] = {}
+        self._targets: dict[Example, int] = {}
 
     def __call__(self, ex: Example) -> int:
         """The example's tokenised length."""
@@ -51,7 +52,13 @@ class TokenCounter:
             enc = self.fmt.encode(ex)  # raises on items longer than model.max_length
             check_context(enc, self.context)
             n = self._lengths[ex] = len(enc)
+            self._targets[ex] = enc.n_targets
         return n
+
+    def targets(self, ex: Example) -> int:
+        """The example's answer tokens (the positions with a loss)."""
+        self(ex)
+        return self._targets[ex]
 
     def lengths(self, examples: Iterable[Example]) -> list[int]:
         return [self(ex) for ex in examples]
@@ -75,6 +82,10 @@ class StagePlan:
     rule: str  # the stop rule: epochs | loss_below | until_memorized
     epochs: int  # exact for rule `epochs`, the most for the other rules
     reused_from: str | None = None  # "variant/seedS" whose identical stage is copied, not trained
+    longest: int = 0  # tokens of the stage's longest item
+    most_targets: int = 0  # answer tokens of the item with the most
+    grad_accum: int = 1  # micro-batches per optimizer step (per process)
+    extra_copies: float = 0.0  # whole-model copies its regularizers keep (ewc 2, l2 1, kl 1)
 
     @property
     def items(self) -> int:
@@ -144,11 +155,24 @@ def plan_stage(variant: str, seed: int, stage: StageConfig, mixture: Mixture,
     """One stage of one variant and seed, from its realised mixture."""
     lengths = [count.lengths(c.examples) for c in mixture.components]
     tokens = epoch_tokens(lengths, stage.train)
+    examples = [e for c in mixture.components for e in c.examples]
+    longest = max((n for ls in lengths for n in ls), default=0)
+    # label_padding reference pads every item to the longest with labelled tokens
+    most_targets = (longest if stage.train.label_padding == "reference"
+                    else max((count.targets(e) for e in examples), default=0))
     return StagePlan(variant, seed, stage.name,
                      [ComponentPlan(c.role, c.name, len(c.examples), t)
                       for c, t in zip(mixture.components, tokens)],
                      stage.train.batch_size, stage.train.stop.rule, stage.train.stop.epochs,
-                     reused_from)
+                     reused_from, longest=longest, most_targets=most_targets,
+                     grad_accum=stage.train.grad_accum,
+                     extra_copies=sum(REGULARIZER_COPIES.get(r.kind, 0.0)
+                                      for r in stage.regularizers))
+
+
+# Whole-model copies a regularizer keeps beside the model (factmem.train.regularizers): EWC its
+# anchor and Fisher, L2 its anchor, KL a frozen teacher.
+REGULARIZER_COPIES = {"ewc": 2.0, "l2": 1.0, "kl": 1.0}
 
 
 def format_plan(plan: RunPlan) -> str:

@@ -523,6 +523,18 @@ def diff_keys(old: Any, new: Any, path: str = "") -> list[str]:
     return [] if old == new else [path or "(whole config)"]
 
 
+def added_as_null(old: Any, new: Any, key: str) -> bool:
+    """Whether dotted `key` is a setting factmem gained after `old` was written, left at null
+    (a new field's "off"): not a change of the run's config."""
+    for part in key.split("."):
+        if not isinstance(new, dict) or part not in new:
+            return False
+        if not isinstance(old, dict) or part not in old:
+            return new[part] is None
+        old, new = old[part], new[part]
+    return False
+
+
 def check_resumable(root: Path, raw: dict[str, Any], resolved: dict[str, Any]) -> None:
     """Refuse to continue in `root` unless it is a factmem run of the same config. Compares the
     config as given (keys the user wrote) and, failing that, every resolved variant."""
@@ -541,6 +553,7 @@ def check_resumable(root: Path, raw: dict[str, Any], resolved: dict[str, Any]) -
         old = read_json(saved)
         keys = [k for k in diff_keys(old, resolved)
                 if not k.split(".", 1)[-1].startswith(OPERATIONAL_KEYS)
+                and not added_as_null(old, resolved, k)
                 and not _added_since(old, resolved, k, is_new_default)]
     if keys:
         shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")

@@ -156,7 +156,8 @@ def test_a_utf8_byte_order_mark_is_read_past(tmp_path, name, content):
 
 CLI_CASES = {
     "row missing its id_field": (
-        lambda t: ["--set", f"sets.kvr_a=!replace {{source: jsonl, path: {t / 'qa.jsonl'}, id_field: id}}"],
+        lambda t: ["--set",
+                   f"sets.kvr_a=!replace {{source: jsonl, path: {t / 'qa.jsonl'}, id_field: id}}"],
         "qa.jsonl:2: row has no field 'id' (fields: answer, question)"),  # the first has one
     "prompt_template naming an unknown field": (
         lambda t: ["--set", f"sets.kvr_a=!replace {{source: jsonl, path: {t / 'qa.jsonl'}, "

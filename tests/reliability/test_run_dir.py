@@ -46,3 +46,17 @@ def test_a_directory_that_is_not_a_run_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FactmemError, match="exists and is not a factmem run"):
         check_resumable(tmp_path, {}, {})
+
+
+def test_a_setting_added_since_the_run_left_at_null_is_not_a_change(tmp_path):
+    """A run written before `model.architecture` existed resumes (its resolved config lacks
+    the key); the same key with a value, or a null key the run did have, is a change."""
+    raw = {"name": "x"}
+    root = make_run(tmp_path, raw, {"naive": {"model": {"name": "m", "dtype": "auto"}}})
+    check_resumable(root, raw, {"naive": {"model": {"name": "m", "dtype": "auto",
+                                                    "architecture": None}}})
+    with pytest.raises(FactmemError, match=r"changed: naive\.model\.architecture\)"):
+        check_resumable(root, raw, {"naive": {"model": {"name": "m", "dtype": "auto",
+                                                        "architecture": "c.json"}}})
+    with pytest.raises(FactmemError, match=r"changed: naive\.model\.dtype\)"):
+        check_resumable(root, raw, {"naive": {"model": {"name": "m", "dtype": None}}})

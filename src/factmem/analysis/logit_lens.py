@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from factmem.analysis.layers import final_norm, unembedding
+from factmem.analysis.layers import final_norm, output_logits, unembedding
 from factmem.batch import pad_batch
 from factmem.data.examples import Example
+from factmem.errors import ModelError
 from factmem.models import Encoded, Formatter, decoder_layers
 
 
@@ -55,12 +56,29 @@ def capture_residuals(model):
 @torch.no_grad()
 def lens_logits(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
     """Per layer 0..N the lens logits at `positions` ([L+1, B, P, V]) and the model's own
-    logits there ([B, P, V])."""
-    norm, head = final_norm(model), unembedding(model)
+    logits there ([B, P, V]). Raises ModelError when the last layer's lens is not the model's
+    logits: the parts found are not the ones the model applies."""
+    logits_of = output_logits(model)  # before the hooks: looking the parts up may run the model
     with capture_residuals(model) as states:
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, positions]
-        per_layer = torch.stack([head(norm(h[:, positions])) for h in states])
-    return per_layer.float(), logits.float()
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, positions].float()
+        per_layer = torch.stack([logits_of(h[:, positions]) for h in states]).float()
+    check_last_layer(model, per_layer[-1], logits)
+    return per_layer, logits
+
+
+def check_last_layer(model, lens: torch.Tensor, logits: torch.Tensor) -> None:
+    """The lens at the last layer must reproduce the model's logits: to float rounding (a few
+    units in the last place of the weights' dtype, relative to the largest logit)."""
+    dtype = next(model.parameters()).dtype
+    tol = max(1e-5, 4 * torch.finfo(dtype).eps) * (float(logits.abs().max()) or 1.0)
+    worst = float((lens - logits).abs().max())
+    if worst > tol:
+        raise ModelError(
+            f"{type(model).__name__}: the logit lens at the last layer is not the model's own "
+            f"logits (off by {worst:.3g}, allowed {tol:.3g}): the final norm "
+            f"({type(final_norm(model)).__name__}) or unembedding "
+            f"({type(unembedding(model)).__name__}) found is not what the model applies, or it "
+            "transforms its logits in a way factmem does not know; the lens would misread it")
 
 
 def answer_token_positions(e: Encoded, eos_id: int | None) -> tuple[list[int], list[int]]:

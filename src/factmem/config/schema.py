@@ -28,8 +28,13 @@ class ModelConfig:
     trust_remote_code: bool = False
     """run code shipped with a hub model (only if you trust it)"""
     attn_implementation: str | None = None
-    """e.g. sdpa, eager, flash_attention_2; default sdpa (on 2 CPU cores it trains SmolLM2
-    ~15% faster than eager: benchmarks/RESULTS.md)"""
+    """e.g. sdpa, eager, flash_attention_2; default: sdpa where the family supports it (on 2
+    CPU cores it trains SmolLM2 ~15% faster than eager: benchmarks/RESULTS.md), eager where it
+    does not (Gemma2, whose attention soft-capping SDPA cannot compute)"""
+    architecture: str | None = None
+    """a config.json (or a directory holding one) with the model's architecture, read by
+    `--dry-run`'s memory plan instead of the model's own config: plans a hub model without the
+    hub (configs/models/ holds published ones); training always uses the model's own"""
 
     def __post_init__(self) -> None:
         if self.max_length < 8:
@@ -245,9 +250,11 @@ class LoraConfig:
     """scaling numerator: the update is (alpha / r) B A"""
     dropout: float = 0.0
     """dropout on the adapter's input"""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj",
-                                                               "o_proj"])
-    """module names (suffixes) that get an adapter, e.g. q_proj, v_proj, up_proj"""
+    target_modules: list[str] | None = None
+    """module names (suffixes) that get an adapter, e.g. q_proj, v_proj, up_proj; null: every
+    linear projection of each decoder layer's attention block, found on the model (q_proj,
+    k_proj, v_proj, o_proj on Llama; qkv_proj, o_proj on Phi-3; query_key_value, dense on
+    GPT-NeoX)"""
     merge: bool = True
     """merge the adapter into the weights after the stage; false keeps it as an adapter, which a
     next stage with the same lora settings goes on training (a next stage without lora merges)"""
@@ -259,8 +266,9 @@ class LoraConfig:
             raise ValueError(f"alpha: must be > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise ValueError("target_modules: give at least one module name")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("target_modules: give at least one module name, or null for the "
+                             "attention projections")
 
 
 @dataclass

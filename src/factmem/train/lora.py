@@ -38,14 +38,38 @@ def add_lora(model, cfg: LoraConfig):
 
     if is_adapter_model(model):
         return model
+    targets = list(cfg.target_modules) if cfg.target_modules else attention_projections(model)
+    log.info("lora: adapters on %s", ", ".join(sorted({t.rsplit(".", 1)[-1] for t in targets})))
     peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+                              target_modules=targets, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as e:  # e.g. no module matches target_modules
-        from factmem.errors import ModelError
-
         raise ModelError(f"lora: {str(e).splitlines()[0][:300]}") from None
+
+
+def attention_projections(model) -> list[str]:
+    """Qualified names of the linear layers inside each decoder layer's attention block: the
+    default LoRA targets of any family. The attention block is the layer's child that
+    transformers' attention interface marks with `is_causal`; its linear layers are the
+    projections, whatever the family calls them (fused `qkv_proj`, `query_key_value`, ...).
+    Full names, so a suffix shared with an MLP layer (`dense`) cannot match it."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    prefix, layers = decoder_layers(model)
+    names = []
+    for i, layer in enumerate(layers):
+        blocks = [(n, m) for n, m in layer.named_children() if hasattr(m, "is_causal")]
+        if len(blocks) != 1:
+            raise ModelError(f"lora: cannot tell the attention block of decoder layer {i} "
+                             f"({type(layer).__name__}) apart; set lora.target_modules")
+        name, block = blocks[0]
+        names += [f"{prefix}.{i}.{name}.{n}" for n, m in block.named_modules()
+                  if isinstance(m, (nn.Linear, Conv1D))]
+    if not names:
+        raise ModelError("lora: the attention blocks hold no linear layers; set "
+                         "lora.target_modules")
+    return names
 
 
 def merge_adapter(model):
