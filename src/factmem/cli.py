@@ -148,8 +148,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                       progress=not args.no_progress)
     for row in summary.get("lens", []):
         seed = "all seeds" if row["seed"] == "all" else f"seed{row['seed']}"
+        std = "-" if row["std"] is None else f"{row['std']:.2f}"  # one fact: no spread
         stats = ("" if row["mean"] is None else
-                 f", first layer mean {row['mean']:.2f}, std {row['std']:.2f}, "
+                 f", first layer mean {row['mean']:.2f}, std {std}, "
                  f"entropy {row['entropy_bits']:.2f} bits")
         print(f"lens {row['variant']} {seed} {row['stage']} {row['set']}: "
               f"{row['decodable']}/{row['n']} decodable{stats}")

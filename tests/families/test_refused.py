@@ -37,7 +37,9 @@ def run(model_dir, tmp_path, capsys, **model) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     written = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
-    assert not [p for p in written if p.name not in ("config.yaml", "resolved.json")], written
+    # the run directory's skeleton (marker, config) only: nothing trained, nothing half-written
+    assert not [p for p in written
+                if p.name not in (".factmem-run", "config.yaml", "resolved.json")], written
     return err
 
 
