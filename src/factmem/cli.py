@@ -8,14 +8,11 @@ import os
 import sys
 
 from factmem.errors import FactmemError
+from factmem.logs import quiet_library_bars, quiet_library_loggers
 from factmem.signals import EXIT_STATUS, Terminated
 
 log = logging.getLogger("factmem")
 # libraries whose INFO/WARNING chatter is not the user's business (factmem.jobs' workers too)
-QUIET_LOGGERS = ("transformers", "accelerate", "datasets", "urllib3", "filelock", "httpx",
-                 "huggingface_hub")
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     from factmem.config import load_experiment
     from factmem.experiment import run_experiment
@@ -76,13 +73,6 @@ def _dry_run(args: argparse.Namespace, exp) -> int:
           f"({reason})")
     print(where)
     return 0
-
-
-def quiet_library_bars() -> None:
-    """--no-progress also quiets the bars transformers draws when it loads or saves weights."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
 
 
 def is_main_process() -> bool:
@@ -256,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in QUIET_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_library_loggers()
     try:
         return args.fn(args)
     except FactmemError as e:

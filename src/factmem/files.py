@@ -1,5 +1,6 @@
 """Atomic writes: files and directories are written under a temporary name and renamed, so a
-crash never leaves a half-written file or directory behind."""
+crash never leaves a half-written file or directory behind. And `safe_name`: a name as one
+directory name (the config checks and the run directory both ask it)."""
 
 from __future__ import annotations
 
@@ -87,3 +88,16 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:  # another file system, or links not supported
         shutil.copy2(src, dst)
+
+
+def safe_name(name: str) -> str:
+    """A variant name as a single directory name. Names written in the config are plain
+    already (factmem.config.checks) and come back unchanged; a grid-made name keeps `[`, `=`,
+    `,` and has anything else outside letters and digits as `_` (the config checks refuse two
+    variants that would so share a folder)."""
+    from factmem.errors import FactmemError
+
+    out = "".join(c if c.isalnum() or c in "-_.=,[]" else "_" for c in name)
+    if out in ("", ".", ".."):
+        raise FactmemError(f"name {name!r} cannot be used as a directory name")
+    return out

@@ -14,7 +14,7 @@ dies) stops new ones from starting; those running finish, then the parent stops 
 naming it. What finished stays, and the same command continues.
 
 A result does not depend on the process that computed it: every variant/seed seeds its own
-random number generators (factmem.experiment.run_stages) and copies, rather than shares, the
+random number generators (factmem.seedrun.run_stages) and copies, rather than shares, the
 stages of another. Workers are spawned, not forked (torch's threads and fork do not mix); they
 ignore Ctrl-C (the parent stops them) and end themselves if the parent dies, whose lock a new run
 could otherwise take over while they still write.
@@ -297,8 +297,8 @@ def run_task(task: Task) -> None:
     import torch
 
     from factmem import distributed as dist
-    from factmem.experiment import run_variant_seed
     from factmem.models import load_tokenizer
+    from factmem.seedrun import run_variant_seed
 
     torch.set_num_threads(task.threads)
     run_variant_seed(task.cfg, task.variant, task.seed, task.sets, load_tokenizer(task.cfg.model),
@@ -319,7 +319,7 @@ def watch_parent(parent: int) -> None:
 def log_to(task: Task) -> None:
     """Everything to the worker's log file (appended across attempts); warnings to the terminal
     too, named (errors end the worker: the parent reports them)."""
-    from factmem.cli import QUIET_LOGGERS, quiet_library_bars
+    from factmem.logs import quiet_library_bars, quiet_library_loggers
 
     task.log_file.parent.mkdir(parents=True, exist_ok=True)
     to_file = logging.FileHandler(task.log_file, encoding="utf-8")
@@ -330,6 +330,5 @@ def log_to(task: Task) -> None:
     to_terminal.setFormatter(logging.Formatter(
         f"%(asctime)s %(levelname)s {task.name}: %(message)s", "%H:%M:%S"))
     logging.basicConfig(level=task.log_level, handlers=[to_file, to_terminal], force=True)
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_library_loggers()
     quiet_library_bars()

@@ -65,6 +65,7 @@ from factmem import distributed as dist
 from factmem import files
 from factmem.errors import FactmemError
 from factmem.evaluate import forgetting
+from factmem.files import safe_name  # noqa: F401  (the run directory's names; re-exported)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -121,17 +122,6 @@ OPERATIONAL_KEYS = ("output.checkpoint_every", "output.report_to")
 
 # --------------------------------------------------------------------------------------------
 # Paths
-
-
-def safe_name(name: str) -> str:
-    """A variant name as a single directory name. Names written in the config are plain
-    already (factmem.config.checks) and come back unchanged; a grid-made name keeps `[`, `=`,
-    `,` and has anything else outside letters and digits as `_` (the config checks refuse two
-    variants that would so share a folder)."""
-    out = "".join(c if c.isalnum() or c in "-_.=,[]" else "_" for c in name)
-    if out in ("", ".", ".."):
-        raise FactmemError(f"name {name!r} cannot be used as a directory name")
-    return out
 
 
 def run_root(output_dir: str | Path, name: str) -> Path:

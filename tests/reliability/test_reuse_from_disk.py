@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from factmem import experiment
+from factmem import experiment, seedrun
 from factmem.cli import main
 
 from .test_resume_cli import result_files
@@ -40,13 +40,13 @@ def config(model_dir: Path, tmp: Path, variants: dict | None = None) -> Path:
 def trained(monkeypatch) -> list[str]:
     """The stages that are trained ("VARIANT seedS STAGE"), in order; copied ones are not."""
     calls: list[str] = []
-    real = experiment.train_stage
+    real = seedrun.train_stage
 
     def counting(*args, **kwargs):
         calls.append(kwargs["desc"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(experiment, "train_stage", counting)
+    monkeypatch.setattr(seedrun, "train_stage", counting)
     return calls
 
 

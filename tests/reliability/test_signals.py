@@ -68,9 +68,9 @@ def sigterm_at(monkeypatch, where: str, **when) -> None:
 
         monkeypatch.setattr(_Run, "step", step)
         return
-    import factmem.experiment as experiment
+    import factmem.seedrun as seedrun
 
-    original_eval, calls = experiment.evaluate_tracked, []
+    original_eval, calls = seedrun.evaluate_tracked, []
 
     def evaluate(run, stage_name, stage_dir):
         calls.append(stage_name)
@@ -78,7 +78,7 @@ def sigterm_at(monkeypatch, where: str, **when) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         return original_eval(run, stage_name, stage_dir)
 
-    monkeypatch.setattr(experiment, "evaluate_tracked", evaluate)
+    monkeypatch.setattr(seedrun, "evaluate_tracked", evaluate)
 
 
 def test_sigterm_in_a_training_step_checkpoints_releases_the_lock_and_resumes(

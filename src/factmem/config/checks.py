@@ -57,9 +57,9 @@ def _check_case_collisions(names: list[str], path: str) -> None:
 
 def _check_variant_folders(names: list[str]) -> None:
     """Every variant gets a folder of its own. A grid-made name becomes a folder by
-    `rundir.safe_name` (characters outside the pattern become '_'), so two grid values can map
+    `files.safe_name` (characters outside the pattern become '_'), so two grid values can map
     to the same folder ('a b' and 'a_b'), as can names that differ only in case."""
-    from factmem.rundir import safe_name  # the run directory's layout (imports the models)
+    from factmem.files import safe_name  # the run directory's folder names
 
     folders: dict[str, str] = {}
     for name in names:
