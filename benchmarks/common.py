@@ -19,9 +19,10 @@ RESULTS = HERE / "RESULTS.md"
 HEADER = """# Benchmark results
 
 Written by the scripts in this folder (`python benchmarks/bench_eval.py`, `bench_train.py`,
-`bench_flops.py`); each rewrites its own section. Figures are wall-clock on the machine named in
-the section. The load average is recorded because the machine may be shared: a load above the
-core count means other work competed for the CPU and the figures are pessimistic and noisy.
+`bench_flops.py`, `bench_mixing.py`, `bench_jobs.py`); each rewrites its own section. Figures
+are wall-clock on the machine named in the section. The load average is recorded because the
+machine may be shared: a load above the core count means other work competed for
+the CPU and the figures are pessimistic and noisy.
 """
 
 
