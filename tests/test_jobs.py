@@ -7,32 +7,16 @@ import logging
 from pathlib import Path
 
 import pytest
-import yaml
 from reliability.test_resume_cli import result_files
+from reliability.test_reuse_from_disk import config as reuse_config
 
 from factmem.cli import main
 
 
 def config(model_dir: Path, tmp: Path, **variants) -> Path:
-    cfg = {
-        "name": "tiny",
-        "model": {"name": str(model_dir)},
-        "train": {"lr": 3e-3, "batch_size": 2, "stop": {"rule": "epochs", "epochs": 2}},
-        "sets": {"kvr_a": {"source": "kvr", "n": 4, "key_length": 4, "value_length": 3},
-                 "kvr_b": {"source": "kvr", "n": 4, "offset": 2000, "key_length": 4,
-                           "value_length": 3}},
-        "stages": [{"name": "stage1", "set": "kvr_a"}, {"name": "stage2", "set": "kvr_b"}],
-        "variants": variants or {
-            "naive": {},
-            # copies naive's stage 1: starts once naive's stage 1 is on disk
-            "replay": {"stages.stage2.replay": [{"stage": "stage1", "ratio": 0.5}]},
-        },
-        "seeds": [0, 1],
-        "output": {"dir": str(tmp / "runs")},
-    }
-    path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+    """The stage-reuse test's two-stage tiny run, seeds 0 and 1: replay copies naive's stage 1,
+    so with --jobs it starts once naive's stage 1 is on disk."""
+    return reuse_config(model_dir, tmp, variants or None, seeds=[0, 1])
 
 
 @pytest.mark.slow

@@ -17,7 +17,9 @@ from factmem.cli import main
 from .test_resume_cli import result_files
 
 
-def config(model_dir: Path, tmp: Path, variants: dict | None = None) -> Path:
+def config(model_dir: Path, tmp: Path, variants: dict | None = None,
+           seeds: list[int] | None = None) -> Path:
+    """Two stages on a tiny model; naive and replay share stage 1 (trained once, copied)."""
     cfg = {
         "name": "tiny",
         "model": {"name": str(model_dir)},
@@ -31,6 +33,8 @@ def config(model_dir: Path, tmp: Path, variants: dict | None = None) -> Path:
             "naive": {}, "replay": {"stages.stage2.replay": [{"stage": "stage1", "ratio": 0.5}]}},
         "output": {"dir": str(tmp / "runs")},
     }
+    if seeds is not None:
+        cfg["seeds"] = seeds
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
