@@ -12,7 +12,8 @@ from factmem.logs import quiet_library_bars, quiet_library_loggers
 from factmem.signals import EXIT_STATUS, Terminated
 
 log = logging.getLogger("factmem")
-# libraries whose INFO/WARNING chatter is not the user's business (factmem.jobs' workers too)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from factmem.config import load_experiment
     from factmem.experiment import run_experiment

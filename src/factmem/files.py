@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from factmem.errors import FactmemError
+
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,8 +97,6 @@ def safe_name(name: str) -> str:
     already (factmem.config.checks) and come back unchanged; a grid-made name keeps `[`, `=`,
     `,` and has anything else outside letters and digits as `_` (the config checks refuse two
     variants that would so share a folder)."""
-    from factmem.errors import FactmemError
-
     out = "".join(c if c.isalnum() or c in "-_.=,[]" else "_" for c in name)
     if out in ("", ".", ".."):
         raise FactmemError(f"name {name!r} cannot be used as a directory name")

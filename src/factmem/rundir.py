@@ -65,7 +65,7 @@ from factmem import distributed as dist
 from factmem import files
 from factmem.errors import FactmemError
 from factmem.evaluate import forgetting
-from factmem.files import safe_name  # noqa: F401  (the run directory's names; re-exported)
+from factmem.files import safe_name
 
 if TYPE_CHECKING:
     from typing_extensions import Self

@@ -11,6 +11,7 @@ from typing import Any
 from factmem.config.coerce import _Invalid, _join, _unknown_ref, to_dict
 from factmem.config.schema import ExperimentConfig
 from factmem.data import SOURCES, get_source
+from factmem.files import safe_name
 
 # Names that become file or folder names of a run (the run, sets, stages, variants): one path
 # component on every file system, so never '/', '\\', '..', '.', NUL, control characters, an
@@ -59,8 +60,6 @@ def _check_variant_folders(names: list[str]) -> None:
     """Every variant gets a folder of its own. A grid-made name becomes a folder by
     `files.safe_name` (characters outside the pattern become '_'), so two grid values can map
     to the same folder ('a b' and 'a_b'), as can names that differ only in case."""
-    from factmem.files import safe_name  # the run directory's folder names
-
     folders: dict[str, str] = {}
     for name in names:
         folder = safe_name(name)
