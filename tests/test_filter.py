@@ -43,13 +43,12 @@ def test_filter_without_room_for_shots_is_a_one_line_error(tiny_model_dir, tmp_p
 
 
 def test_set_cache_applies_max_tokens_and_filter(tiny_model_dir, tmp_path, monkeypatch):
-    from factmem import filter as filt
     from factmem.config import ModelConfig
     from factmem.data import build_source
     from factmem.data.entities import EntitiesParams
     from factmem.models import Formatter, load_tokenizer
 
-    monkeypatch.setattr(filt, "DEFAULT_CACHE", tmp_path / "cache")
+    monkeypatch.setenv("FACTMEM_CACHE", str(tmp_path / "cache"))
     fmt = Formatter(load_tokenizer(ModelConfig(name=str(tiny_model_dir))))
     lengths = sorted(len(fmt.encode(e))
                      for e in build_source("entities", EntitiesParams(), 10, 0, 0))
@@ -66,6 +65,9 @@ def test_set_cache_applies_max_tokens_and_filter(tiny_model_dir, tmp_path, monke
     assert report["filter"]["total"] == 10 - dropped
     assert len(got) == report["filter"]["unknown"] == report["kept"]
     assert all(len(fmt.encode(e)) <= limit for e in got)
+    # verdicts go under $FACTMEM_CACHE, not always ~/.cache (they used to)
+    assert report["filter"]["cache"].startswith(str(tmp_path / "cache" / "filter") + "/")
+    assert len(list((tmp_path / "cache" / "filter").glob("*.json"))) == 1
 
 
 @pytest.mark.slow
@@ -83,12 +85,11 @@ def test_embedded_model_knows_capitals_not_fictional_entities(tmp_path, capsys):
 
 
 def test_keep_takes_the_first_items_left_after_filtering(tiny_model_dir, tmp_path, monkeypatch):
-    from factmem import filter as filt
     from factmem.config import experiment_from_dict
     from factmem.errors import DataError
     from factmem.sets import SetCache
 
-    monkeypatch.setattr(filt, "DEFAULT_CACHE", tmp_path / "cache")
+    monkeypatch.setenv("FACTMEM_CACHE", str(tmp_path / "cache"))
     raw = {"model": {"name": str(tiny_model_dir)},
            "sets": {"a": {"source": "entities", "n": 10, "filter": "unknown_to_model",
                           "filter_shots": 2, "keep": 4}},

@@ -116,7 +116,7 @@ def _cmd_data_filter(args: argparse.Namespace) -> int:
     shots = shot_examples(cfg.source, cfg.params, cfg.n, cfg.offset, cfg.seed, args.shots)
     res = filter_unknown(examples, shots, ModelConfig(name=args.model), to_dict(cfg),
                          match=args.match, batch_size=args.batch_size,
-                         max_new_tokens=args.max_new_tokens, cache_dir=args.cache_dir)
+                         max_new_tokens=args.max_new_tokens, verdicts_dir=args.cache_dir)
     c = res.counts()
     print(f"{args.source}: {c['known']} known, {c['unknown']} unknown of {c['total']} "
           f"({args.shots}-shot, {args.match} match, {res.seconds:.1f}s"
@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("--batch-size", type=int, default=16)
     filt.add_argument("--max-new-tokens", type=int, default=32)
     filt.add_argument("--cache-dir",
-                      help="where verdicts are cached (default ~/.cache/factmem/filter)")
+                      help="where verdicts are cached (default $FACTMEM_CACHE/filter, "
+                           "FACTMEM_CACHE defaulting to ~/.cache/factmem)")
     filt.add_argument("--out", help="write the yet-to-learn examples to this .jsonl")
     filt.set_defaults(fn=_cmd_data_filter)
 

@@ -7,8 +7,9 @@ when the source ends there), so no fact is its own example. The chat is multi-tu
 a user turn and its assistant answer, then the fact's question. A fact counts as known when the
 generated answer matches (default `contains`: a model that says "Paris, of course" knows it).
 
-Verdicts are cached in ~/.cache/factmem/filter/KEY.json, KEY a hash of the model settings, the
-set's full config (source, parameters, selection) and the filter settings.
+Verdicts are cached in $FACTMEM_CACHE/filter/KEY.json ($FACTMEM_CACHE defaults to
+~/.cache/factmem, as for the converted model), KEY a hash of the model settings, the set's full
+config (source, parameters, selection) and the filter settings.
 """
 
 from __future__ import annotations
@@ -27,12 +28,16 @@ from factmem.data.examples import Example
 from factmem.data.registry import build_source
 from factmem.errors import DataError
 from factmem.evaluate import generate_answers
-from factmem.models import Formatter, load_model, load_tokenizer
+from factmem.models import Formatter, cache_dir, load_model, load_tokenizer
 from factmem.scoring import is_match
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE = Path.home() / ".cache" / "factmem" / "filter"
+def default_verdicts_dir() -> Path:
+    """Read when a filter runs, so that FACTMEM_CACHE set after import counts."""
+    return cache_dir() / "filter"
+
+
 VERSION = 1  # bump when the verdict logic changes: old cache entries then stop matching
 
 
@@ -104,13 +109,14 @@ def judge(model, fmt, examples: list[Example], shots: list[Example], match: str,
 def filter_unknown(
     examples: list[Example], shots: list[Example], model_cfg, data_desc: dict[str, Any],
     match: str = "contains", batch_size: int = 16, max_new_tokens: int = 32,
-    cache_dir: str | Path | None = None, model=None, tokenizer=None,
+    verdicts_dir: str | Path | None = None, model=None, tokenizer=None,
 ) -> FilterResult:
-    """Verdicts for `examples` (cached); load the model only on a cache miss."""
+    """Verdicts for `examples` (cached in `verdicts_dir`, default $FACTMEM_CACHE/filter); load the
+    model only on a cache miss."""
     settings = {"shots": [e.id for e in shots], "match": match, "max_new_tokens": max_new_tokens,
                 "ids": [e.id for e in examples]}
     key = cache_key(to_dict(model_cfg), data_desc, settings)
-    path = Path(cache_dir or DEFAULT_CACHE) / f"{key}.json"
+    path = Path(verdicts_dir or default_verdicts_dir()) / f"{key}.json"
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         log.info("filter: cached verdicts %s (known %d, unknown %d)", path,
