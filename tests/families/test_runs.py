@@ -27,7 +27,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.parametrize("family", FAMILY_NAMES)]
 KVR = {"source": "kvr", "n": 4, "key_length": 4, "value_length": 2}
 CONFIG = {
     "name": "family",
-    # lr 1e-2 for 60 epochs of 2 steps: every family learns its facts (measured: 50-100%)
+    # lr 1e-2 for 60 epochs of 2 steps: every family learns its facts. Exact match on 4 facts
+    # is coarse and moves with the thread count (qwen2: 25% on 1 thread, 50% on 2), so the test
+    # asks for the graded figures; measured on 1 thread: answer log-prob from -4.6 at base to
+    # -0.65 or better, token accuracy 75-100%, exact match 25-100%.
     "train": {"lr": 1e-2, "batch_size": 4, "warmup_fraction": 0.0,
               "stop": {"rule": "epochs", "epochs": 60}},
     "sets": {"a": KVR, "b": {**KVR, "offset": 100}},
@@ -69,8 +72,10 @@ def seed_dir(run: Path) -> Path:
 def test_two_stage_remix_replay_run(family, family_runs, capsys):
     _, run = family_runs(family)
     capsys.readouterr()
-    acc = json.loads((seed_dir(run) / "accuracy.json").read_text())["accuracy"]
-    assert acc["s1"]["a"] >= 0.5 and acc["s2"]["b"] >= 0.5, acc  # both stages learned
+    acc = json.loads((seed_dir(run) / "accuracy.json").read_text())
+    for stage, name in (("s1", "a"), ("s2", "b")):  # both stages learned their own set
+        assert acc["logprob"]["base"][name] < -3 < -1.5 < acc["logprob"][stage][name], acc
+        assert acc["token_acc"][stage][name] >= 0.5 and acc["accuracy"][stage][name] > 0, acc
     for stage, roles in (("01-s1", ["main", "mix"]), ("02-s2", ["main", "mix", "replay"])):
         manifest = json.loads((seed_dir(run) / stage / "manifest.json").read_text())
         assert [c["role"] for c in manifest["components"]] == roles
