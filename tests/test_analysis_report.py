@@ -4,6 +4,7 @@ images are valid PNGs."""
 
 import base64
 import json
+import os
 import re
 import struct
 import zlib
@@ -13,6 +14,7 @@ from test_cli import tiny_config
 
 from factmem.analysis import compare_layers
 from factmem.cli import main
+from factmem.rundir import RunLock, lock_path
 
 pytestmark = pytest.mark.slow  # a tiny 2-variant run + every instrument: ~80 s on a busy 2-core box
 
@@ -134,3 +136,19 @@ def test_analyze_one_variant_keeps_the_others(analyzed):
     # the comparison pairs remix's new rows with naive's kept ones
     assert summary[compare_layers.LENS_KEY] == before_comp
     assert main(["analyze", str(analyzed), "--variant", "nope"]) == 2
+
+
+def test_a_second_analysis_of_one_run_is_refused(analyzed, capsys):
+    # each analysis writes back the tables it read at its start: two at once would lose rows
+    before = (analyzed / "analysis" / "summary.json").read_text()
+    with RunLock(analyzed, purpose="analyze"):  # held by this (live) process
+        assert main(["analyze", str(analyzed), "--what", "lens", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"analyze of {analyzed} is in use by process {os.getpid()}@" in err
+        assert lock_path(analyzed, "run").exists() is False  # the run's own lock is not taken
+    assert (analyzed / "analysis" / "summary.json").read_text() == before
+    assert not lock_path(analyzed, "analyze").exists()
+    # while a run holds its lock an analysis still goes ahead (analyze variants as they finish)
+    with RunLock(analyzed):
+        assert main(["analyze", str(analyzed), "--what", "lens", "--no-progress"]) == 0
+    assert not lock_path(analyzed, "analyze").exists()  # released after the analysis

@@ -128,9 +128,12 @@ def run_root(output_dir: str | Path, name: str) -> Path:
     return Path(output_dir) / safe_name(name)
 
 
-def lock_path(root: Path) -> Path:
-    """Beside the run directory, so that --restart can delete the directory while holding it."""
-    return root.parent / f".{root.name}.lock"
+def lock_path(root: Path, purpose: str = "run") -> Path:
+    """Beside the run directory, so that --restart can delete the directory while holding it.
+    `factmem analyze` takes a lock of its own (purpose "analyze"): it may read a run that is
+    still training, but two analyses of one run would overwrite each other's tables."""
+    suffix = "" if purpose == "run" else f".{purpose}"
+    return root.parent / f".{root.name}{suffix}.lock"
 
 
 @dataclass
@@ -364,9 +367,10 @@ class RunLock:
     huggingface_hub, often 3.x), and run directories written so far hold `pid@host` locks."""
 
     def __init__(self, root: Path, break_lock: bool = False, heartbeat_s: float = HEARTBEAT_S,
-                 stale_after_s: float = STALE_AFTER_S):
+                 stale_after_s: float = STALE_AFTER_S, purpose: str = "run"):
         self.root = root
-        self.path = lock_path(root)
+        self.purpose = purpose
+        self.path = lock_path(root, purpose)
         self.break_lock = break_lock
         self.heartbeat_s = heartbeat_s
         self.stale_after_s = stale_after_s
@@ -423,7 +427,8 @@ class RunLock:
         return None
 
     def _in_use(self, owner: str | None, beats: bool, age: float) -> str:
-        head = f"run directory {self.root} is in use by process {owner or '?'} (lock {self.path}"
+        what = "run directory" if self.purpose == "run" else f"{self.purpose} of"
+        head = f"{what} {self.root} is in use by process {owner or '?'} (lock {self.path}"
         if owner is None:
             return f"{head}, being written); wait a moment and run again"
         if _on_this_host(owner):

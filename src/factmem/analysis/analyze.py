@@ -38,6 +38,7 @@ from factmem.errors import FactmemError
 from factmem.rundir import (
     BASE_STAGE,
     RETENTION_FILE,
+    RunLock,
     RunPaths,
     analysis_summary,
     analysis_table,
@@ -94,8 +95,6 @@ def analyze(run_dir: str | Path, what: Sequence[str] = WHAT, block: int = 1,
 
     `variants` limits the work to those variants; rows of other variants already in the tables
     are kept (analyze variants as they finish, or redo one)."""
-    from factmem.sets import SetCache
-
     if block < 1:
         raise FactmemError("--block: must be >= 1")
     root, exp = open_run(run_dir)
@@ -103,6 +102,15 @@ def analyze(run_dir: str | Path, what: Sequence[str] = WHAT, block: int = 1,
     if unknown:
         raise FactmemError(f"--variant: {unknown[0]!r} is not a variant of this run "
                            f"({', '.join(exp.variants)})")
+    # one analysis of a run at a time: each writes the tables it read at its start
+    with RunLock(root, purpose="analyze"):
+        return _analyze(root, exp, what, block, batch_size, variants, progress)
+
+
+def _analyze(root: Path, exp, what: Sequence[str], block: int, batch_size: int | None,
+             variants: Sequence[str], progress: bool) -> dict[str, Any]:
+    from factmem.sets import SetCache
+
     tables = _kept_rows(root, variants)
     notes: list[str] = []
     todo = {v: cfg for v, cfg in exp.variants.items() if not variants or v in variants}
