@@ -119,6 +119,7 @@ def result_files(run: Path) -> dict[str, str]:
         if p.name == "metrics.json":
             data = json.loads(text)
             data.pop("seconds", None)
+            data.pop("resumed_after_seconds", None)  # wall time too, only in a resumed stage
             text = json.dumps(data, sort_keys=True)
         out[rel] = text
     return out

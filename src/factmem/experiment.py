@@ -254,6 +254,8 @@ def run_in_turn(exp: Experiment, root: Path, prepared: Prepared, accelerator, pr
         for seed in cfg.seeds:
             seed_dir = paths.seed_dir(vname, seed)
             finished_before = rundir.is_seed_finished(seed_dir)
+            if not finished_before:
+                timings.begin(f"{vname}/seed{seed}", cfg, seed_dir)
             t0 = time.perf_counter()
             results[vname][seed] = run_variant_seed(
                 cfg, vname, seed, prepared.cache.sets(cfg), prepared.tokenizer(cfg), accelerator,

@@ -133,6 +133,7 @@ class Scheduler:
                     self.records[(vname, seed)] = files.read_json(rundir.accuracy_file(out))
                     self.timings.keep_earlier(unit_name((vname, seed)), cfg, out)
                 else:
+                    self.timings.begin(unit_name((vname, seed)), cfg, out)
                     self.pending.append((vname, seed))
         log.info("%d variant/seed runs to do (%d finished earlier), %d jobs of %d torch "
                  "thread(s) each; worker logs in %s", len(self.pending), len(self.records),

@@ -13,7 +13,7 @@ none spells a name.
         resolved.json               every variant fully resolved
         data.json                   items dropped from sets by max_tokens / filtering
         summary.json, summary.md    variant x tracked set: accuracy after each stage, over seeds
-        timing.json                 wall seconds per variant/seed (kept across resumes)
+        timing.json                 wall seconds per variant/seed (summed across resumes)
         comparison.json, .md        variants against their baseline (factmem.compare)
         analysis/TABLE.jsonl        factmem analyze (and analysis/summary.json)
         report.md, report.html      factmem report (figures in report/)
@@ -195,6 +195,12 @@ def finished_stage_dirs(cfg, seed_dir: Path) -> list[tuple[str, str | None, Path
     return out
 
 
+def trained_stage_dirs(cfg, seed_dir: Path) -> list[Path]:
+    """The finished stages a variant/seed trained itself (not copied from another)."""
+    return [d for _, _, d in finished_stage_dirs(cfg, seed_dir)
+            if not (d / REUSED_FROM_FILE).is_file()]
+
+
 def metrics_file(stage_dir: Path) -> Path:
     return stage_dir / METRICS_FILE
 
@@ -309,13 +315,16 @@ class RunTimings:
     keeps what it measured. A variant/seed finished by an earlier run keeps that run's figure;
     where none was written (a run dir from before this file was kept up to date), the seconds
     of the stages it trained itself are summed (training and in-stage evaluation; copied stages
-    and the base evaluation add nothing)."""
+    and the base evaluation add nothing). A variant/seed an earlier run stopped part-way gets
+    this run's wall seconds plus the stages' seconds before the stop (`begin` notes which stages
+    those are): the earlier run's model loading and evaluations are not known, so not counted."""
 
     def __init__(self, root: Path, enabled: bool = True):
         self.path = root / TIMING_FILE
         self.enabled = enabled
         self.seconds: dict[str, float] = {}  # in the order the runs come, earlier ones too
         self.earlier: dict[str, float] = {}
+        self.begun: dict[str, tuple[Any, Path, set[str]]] = {}
         if enabled and self.path.is_file():
             earlier = read_json(self.path)
             if not isinstance(earlier, dict):
@@ -323,15 +332,24 @@ class RunTimings:
             self.earlier = {k: v for k, v in earlier.items()
                             if isinstance(v, (int, float)) and v > 0}
 
+    def begin(self, key: str, cfg, seed_dir: Path) -> None:
+        """Before a variant/seed runs: the stages an earlier run trained for it (`record` adds
+        their seconds)."""
+        self.begun[key] = (cfg, seed_dir, {d.name for d in trained_stage_dirs(cfg, seed_dir)})
+
     def record(self, key: str, seconds: float) -> None:
+        if key in self.begun:
+            cfg, seed_dir, earlier = self.begun.pop(key)
+            for d in trained_stage_dirs(cfg, seed_dir):
+                m = read_metrics(d)
+                seconds += m.get("seconds", 0.0) if d.name in earlier else m.get(
+                    "resumed_after_seconds", 0.0)  # a stage stopped part-way, continued now
         self.seconds[key] = round(seconds, 2)
         self._write()
 
     def keep_earlier(self, key: str, cfg, seed_dir: Path) -> None:
-        trained = [d for _, _, d in finished_stage_dirs(cfg, seed_dir)
-                   if not (d / REUSED_FROM_FILE).is_file()]
         self.seconds[key] = self.earlier.get(key) or round(
-            sum(read_metrics(d).get("seconds", 0.0) for d in trained), 2)
+            sum(read_metrics(d).get("seconds", 0.0) for d in trained_stage_dirs(cfg, seed_dir)), 2)
         self._write()
 
     def _write(self) -> None:

@@ -246,9 +246,17 @@ def run_stage(run: SeedRun, k: int) -> None:
     run.tracker.log_eval(run.matrix[stage.name], run.offset)
     metrics = {"train": {**result.to_json(), **memorization_watch(stage, cfg.eval, check)},
                "eval": run.matrix[stage.name], "seconds": round(result.seconds, 2),
+               **resumed_after(result),
                **baseline_metrics(regularizers, parts.info)}
     record_stage(run, k, result.log, metrics, ckpt)
     log_stage(run.variant, run.seed, stage.name, result, run.matrix[stage.name])
+
+
+def resumed_after(result) -> dict[str, float]:
+    """The stage's training seconds before the stop it continued from (timing.json adds them
+    to the variant/seed's wall time); nothing for a stage trained in one go."""
+    before = round(result.seconds_before_resume, 2)
+    return {"resumed_after_seconds": before} if before > 0 else {}
 
 
 def stage_callbacks(run: SeedRun, k: int, stage_dir: Path, ckpt: StageCheckpointer,

@@ -46,7 +46,7 @@ def config(model_dir: Path, tmp: Path, stage2_epochs: int = 8) -> Path:
 
 
 def result_files(run: Path) -> dict[str, str]:
-    """Every result file of the run, `seconds` (wall time) removed from metrics."""
+    """Every result file of the run, the timings (wall seconds) removed from metrics."""
     out = {}
     for p in sorted(run.rglob("*")):
         rel = str(p.relative_to(run))
@@ -62,6 +62,7 @@ def result_files(run: Path) -> dict[str, str]:
         if p.name == "metrics.json":
             data = json.loads(text)
             data.pop("seconds", None)
+            data.pop("resumed_after_seconds", None)
             text = json.dumps(data, sort_keys=True)
         out[rel] = text
     return out
@@ -113,9 +114,15 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted_run(tiny_model_dir, 
         assert resumed[name] == text, name
     # finished: no temporary weights, no lock
     assert not list((out / "tiny").rglob("resume")) and not (out / ".tiny.lock").exists()
-    # timing.json holds a real figure for every variant/seed, the killed one included
+    # timing.json holds a real figure for every variant/seed, the killed one included: its
+    # stage 1 (trained before the kill) and stage 2's steps on both sides of the kill count
     timing = json.loads((out / "tiny" / "timing.json").read_text())
     assert sorted(timing) == ["naive/seed0", "replay/seed0"] and min(timing.values()) > 0
+    seed0 = out / "tiny" / "naive" / "seed0"
+    stage1 = json.loads((seed0 / "01-stage1" / "metrics.json").read_text())
+    stage2 = json.loads((seed0 / "02-stage2" / "metrics.json").read_text())
+    assert 0 < stage2["resumed_after_seconds"] < stage2["seconds"]
+    assert timing["naive/seed0"] >= stage1["seconds"] + stage2["seconds"] - 0.02  # rounding
 
 
 def test_changed_config_is_refused_naming_keys_and_restart_starts_over(tiny_model_dir, tmp_path,
@@ -166,3 +173,38 @@ def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
     lock.acquire()  # stale: its process is gone
     assert (tmp_path / "runs" / ".x.lock").read_text().startswith(f"{os.getpid()}@")
     lock.release()
+
+
+def test_a_variant_seed_stopped_part_way_is_timed_across_both_runs(tmp_path):
+    """timing.json for a variant/seed an earlier run stopped: this run's wall seconds, plus the
+    seconds of the stages the earlier run finished and of the part of a stage it had trained
+    (the stage's `resumed_after_seconds`); stages copied from another variant add nothing."""
+    from types import SimpleNamespace
+
+    from factmem import rundir
+
+    stages = [SimpleNamespace(name=n, set=n) for n in ("stage1", "stage2", "stage3")]
+    cfg = SimpleNamespace(stages=stages)
+    seed_dir = tmp_path / "run" / "v" / "seed0"
+
+    def finish(k: int, **metrics) -> Path:
+        d = rundir.stage_path(seed_dir, cfg, k) if k >= 0 else rundir.base_dir(seed_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "metrics.json").write_text(json.dumps({"eval": {}, **metrics}))
+        return d
+
+    finish(-1)  # the base evaluation: no training seconds
+    finish(0, seconds=100.0)  # stage 1, finished by the earlier run
+    timings = rundir.RunTimings(tmp_path / "run")
+    timings.begin("v/seed0", cfg, seed_dir)
+    finish(1, seconds=70.0, resumed_after_seconds=30.0)  # 30 s before the stop, 40 s now
+    finish(2, seconds=50.0)  # stage 3, trained now
+    timings.record("v/seed0", 95.5)  # this run's wall seconds
+    assert json.loads((tmp_path / "run" / "timing.json").read_text()) == {"v/seed0": 225.5}
+
+    # a stage copied from another variant/seed (reused_from.json) was not trained by this one
+    (rundir.stage_path(seed_dir, cfg, 0) / rundir.REUSED_FROM_FILE).write_text("{}")
+    again = rundir.RunTimings(tmp_path / "run")
+    again.begin("v/seed0", cfg, seed_dir)
+    again.record("v/seed0", 10.0)
+    assert again.seconds["v/seed0"] == 10.0 + 70.0 + 50.0

@@ -134,7 +134,7 @@ class StageCheckpointer(StageCallback):
         mem = [r["epoch"] for r in ctx.log if r.get("memorized_accuracy", 0.0) >= 1.0]
         ctx.resume = ResumePoint(epoch=state["epoch"], position=state["position"],
                                  tokens=state["tokens"], memorized_epoch=min(mem) if mem else None,
-                                 loss=state["loss"])
+                                 loss=state["loss"], seconds=recorded_seconds(state))
         self.restored_step = state["step"]
         log.info("resuming from %s (epoch %d, %d batches done, step %d)", path, state["epoch"],
                  state["position"], state["step"])
@@ -178,6 +178,7 @@ def training_state(ctx: StageContext) -> dict[str, Any]:
     """Everything but tensors and RNG states: the same JSON in both formats."""
     return {
         "step": ctx.step, "epoch": ctx.epoch, "position": ctx.position, "tokens": ctx.tokens,
+        "seconds": round(ctx.seconds(), 2),  # training time so far, so that a resume adds to it
         "loss": ctx.log[-1]["loss"] if ctx.log else float("nan"),
         "rule": dict(ctx.rule.state.__dict__),
         "scheduler": ctx.scheduler.state_dict(),
@@ -201,6 +202,13 @@ def _load_sharded(ctx: StageContext, path: Path, state: dict[str, Any]) -> None:
     dist.load_sharded(dist.model_tensors(model), path / SHARDED_MODEL_DIR)
     dist.load_optimizer_state(model, optimizer, path / SHARDED_OPTIMIZER_DIR, state["optimizer"])
     dist.set_rng_state(rank_rng_state(path))
+
+
+def recorded_seconds(state: dict[str, Any]) -> float:
+    """The training seconds a checkpoint's stage had run (0 where it predates the field: the
+    time is then not known, and a resumed stage counts only its own)."""
+    seconds = state.get("seconds")
+    return float(seconds) if isinstance(seconds, (int, float)) and seconds >= 0 else 0.0
 
 
 def check_format(path: Path, state: dict[str, Any], sharded: bool) -> None:

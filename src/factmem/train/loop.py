@@ -36,13 +36,15 @@ class StageResult:
     padding_fraction: float  # share of computed positions that were padding, mean over epochs
     tokens: int  # tokens processed (padding excluded)
     layout: str  # packed (one row per micro-batch) or padded
-    seconds: float
+    seconds: float  # training seconds, the run before a stop included (resume)
     log: list[dict[str, Any]] = field(default_factory=list)  # one row per optimizer step
+    seconds_before_resume: float = 0.0  # of `seconds`, those spent before the stop it resumed
 
     def to_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d.pop("log")
-        d.pop("seconds")  # timings live apart from metrics, which must be reproducible
+        for timing in ("seconds", "seconds_before_resume"):
+            d.pop(timing)  # timings live apart from metrics, which must be reproducible
         return d
 
 
@@ -68,6 +70,12 @@ class StageContext:
     grad_norm: torch.Tensor | None = None  # the step's total gradient norm, before clipping
     micro_weight: float = 1.0  # 0 for a pass FSDP runs only to keep the processes in step
     resume: ResumePoint | None = None  # set in on_stage_start by a callback that restores a stage
+    started: float = field(default_factory=time.perf_counter)  # when this process began the stage
+
+    def seconds(self) -> float:
+        """Training seconds of the stage so far, those before a stop it resumed included."""
+        before = self.resume.seconds if self.resume else 0.0
+        return before + time.perf_counter() - self.started
 
 
 @dataclass
@@ -81,6 +89,7 @@ class ResumePoint:
     tokens: int
     memorized_epoch: int | None
     loss: float
+    seconds: float = 0.0  # training seconds before the stop (0 from a checkpoint without them)
 
 
 class StageCallback:
@@ -256,11 +265,12 @@ def train_stage(
     start = time.perf_counter()
     data = StageItems.build(fmt, examples, groups, cfg.label_padding)  # tokenised once
     ctx, pack = setup_stage(model, accelerator, fmt, cfg, len(data.encoded))
+    ctx.started = start
     run = _Run(ctx, data, seed, pack, callbacks or [], progress, desc)
     check = memorize_check if memorize_check is not None else examples
     run.run_epochs(check, eval_cfg or EvalConfig())
     accelerator.free_memory(ctx.optimizer, ctx.scheduler)  # drop accelerate's references to them
-    return run.result(time.perf_counter() - start)
+    return run.result()
 
 
 def setup_stage(model, accelerator, fmt: Formatter, cfg: TrainConfig, n_items: int
@@ -329,15 +339,16 @@ class _Run:
         for cb in self.callbacks:
             cb.on_stage_end(ctx)
 
-    def result(self, seconds: float) -> StageResult:
+    def result(self) -> StageResult:
         ctx = self.ctx
         return StageResult(
             epochs=ctx.log[-1]["epoch"] if ctx.log else 0, steps=ctx.step,
             stop_reason=ctx.rule.state.reason, final_loss=self.loss,
             memorized_epoch=self.memorized_epoch,
             padding_fraction=sum(self.pad_fracs) / max(len(self.pad_fracs), 1),
-            tokens=ctx.tokens, layout="packed" if self.pack else "padded", seconds=seconds,
-            log=ctx.log,
+            tokens=ctx.tokens, layout="packed" if self.pack else "padded",
+            seconds=ctx.seconds(), log=ctx.log,
+            seconds_before_resume=ctx.resume.seconds if ctx.resume else 0.0,
         )
 
     def epoch(self, epoch: int) -> None:
