@@ -122,3 +122,14 @@ def test_nonfinite_loss_with_finite_gradients_is_caught_after_the_step(tiny_mode
         run(tiny_model_dir, [NanLossOnly(), FiniteGuard(ckpt), ckpt], StopConfig(epochs=2))
     assert ckpt.latest().name == "step-000001"  # the bad step's state was never saved
     assert json.loads((tmp_path / "resume" / "nonfinite.json").read_text())["last_good_step"] == 1
+
+
+@pytest.mark.parametrize("written, read", [(12.5, 12.5), (0, 0.0), (None, 0.0), ("12", 0.0),
+                                           (-3.0, 0.0), (float("inf"), 0.0), (True, 0.0)])
+def test_a_checkpoints_recorded_seconds_are_read_or_counted_as_unknown(written, read):
+    """A checkpoint's training seconds (state.json "seconds", added to the resumed stage's
+    time): missing, hand-edited or non-finite values count as 0, never as a crash or inf."""
+    from factmem.train.checkpoint import recorded_seconds
+
+    state = {} if written is None else {"seconds": written}
+    assert recorded_seconds(state) == read

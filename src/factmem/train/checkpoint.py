@@ -19,6 +19,7 @@ output.save_checkpoints), for the analyses and for use elsewhere.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -208,7 +209,9 @@ def recorded_seconds(state: dict[str, Any]) -> float:
     """The training seconds a checkpoint's stage had run (0 where it predates the field: the
     time is then not known, and a resumed stage counts only its own)."""
     seconds = state.get("seconds")
-    return float(seconds) if isinstance(seconds, (int, float)) and seconds >= 0 else 0.0
+    valid = (isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+             and math.isfinite(seconds) and seconds >= 0)
+    return float(seconds) if valid else 0.0
 
 
 def check_format(path: Path, state: dict[str, Any], sharded: bool) -> None:
