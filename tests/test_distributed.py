@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from factmem.cli import main
+from factmem.rundir import METRICS_WALL_TIME
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -118,8 +119,8 @@ def result_files(run: Path) -> dict[str, str]:
         text = p.read_text()
         if p.name == "metrics.json":
             data = json.loads(text)
-            data.pop("seconds", None)
-            data.pop("resumed_after_seconds", None)  # wall time too, only in a resumed stage
+            for key in METRICS_WALL_TIME:
+                data.pop(key, None)
             text = json.dumps(data, sort_keys=True)
         out[rel] = text
     return out

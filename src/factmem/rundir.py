@@ -96,6 +96,8 @@ BASE_STAGE = "base"  # the evaluation before any training, as the accuracy matri
 BASE_DIR = "00-base"
 # a stage
 METRICS_FILE = "metrics.json"
+# metrics.json keys holding wall time (the rest is reproducible; compare runs without these)
+METRICS_WALL_TIME = ("seconds", "resumed_after_seconds")
 MANIFEST_FILE = "manifest.json"
 TRAIN_LOG_FILE = "train_log.jsonl"
 PREDICTIONS_DIR = "predictions"

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from factmem.cli import main
-from factmem.rundir import RunLock
+from factmem.rundir import METRICS_WALL_TIME, RunLock
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -61,8 +61,8 @@ def result_files(run: Path) -> dict[str, str]:
         text = p.read_text()
         if p.name == "metrics.json":
             data = json.loads(text)
-            data.pop("seconds", None)
-            data.pop("resumed_after_seconds", None)
+            for key in METRICS_WALL_TIME:
+                data.pop(key, None)
             text = json.dumps(data, sort_keys=True)
         out[rel] = text
     return out
